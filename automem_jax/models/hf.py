@@ -1,0 +1,429 @@
+"""Hugging Face interop: import safetensors folders into the NNX Qwen, export back.
+
+Import reads one tensor at a time and places it straight into its target sharding
+(`jax.make_array_from_callback`), so no host ever holds the whole model; gs:// shards are
+downloaded one file at a time. Export gathers one tensor at a time and writes sharded
+safetensors + index that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    model, config = load_pretrained(path, dtype="bfloat16", mesh=None)
+    save_pretrained(model, config, out_dir, tokenizer=None)
+    python -m automem_jax.models.hf {import,export,inspect} ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from automem_jax import storage
+from automem_jax.models.qwen import Qwen, QwenConfig, abstract_model
+from automem_jax.parallel.mesh import named_sharding
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some exporters write that carry no weights.
+IGNORED_TENSORS = ("rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """Our parameter (path inside one layer, or global) <-> one HF tensor."""
+
+    ours: str
+    hf: str
+    to_ours: Callable[[np.ndarray, QwenConfig], np.ndarray]
+    to_hf: Callable[[np.ndarray, QwenConfig], np.ndarray]
+
+
+def _same(x, cfg):
+    return x
+
+
+def _t(x, cfg):
+    return np.ascontiguousarray(x.T)
+
+
+def _rules(cfg: QwenConfig) -> tuple[list[_Rule], list[_Rule]]:
+    """(global rules, per-layer rules); layer rules' HF names have a `{i}` slot."""
+    Q, K, D, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+
+    def in_heads(n):  # HF [n*D, H] -> ours [H, n, D]
+        return (lambda x, c: np.ascontiguousarray(x.T.reshape(H, n, D)),
+                lambda x, c: np.ascontiguousarray(x.reshape(H, n * D).T))
+
+    def bias_heads(n):
+        return (lambda x, c: x.reshape(n, D), lambda x, c: x.reshape(n * D))
+
+    glob = [_Rule("embed_tokens", "model.embed_tokens.weight", _same, _same),
+            _Rule("norm/scale", "model.norm.weight", _same, _same)]
+    if not cfg.tie_word_embeddings:
+        glob.append(_Rule("lm_head", "lm_head.weight", _t, _t))
+    p = "model.layers.{i}."
+    layer = [
+        _Rule("input_layernorm/scale", p + "input_layernorm.weight", _same, _same),
+        _Rule("post_attention_layernorm/scale", p + "post_attention_layernorm.weight", _same, _same),
+        _Rule("self_attn/q_kernel", p + "self_attn.q_proj.weight", *in_heads(Q)),
+        _Rule("self_attn/k_kernel", p + "self_attn.k_proj.weight", *in_heads(K)),
+        _Rule("self_attn/v_kernel", p + "self_attn.v_proj.weight", *in_heads(K)),
+        _Rule("self_attn/o_kernel", p + "self_attn.o_proj.weight",
+              lambda x, c: np.ascontiguousarray(x.T.reshape(Q, D, H)),
+              lambda x, c: np.ascontiguousarray(x.reshape(Q * D, H).T)),
+        _Rule("mlp/gate_kernel", p + "mlp.gate_proj.weight", _t, _t),
+        _Rule("mlp/up_kernel", p + "mlp.up_proj.weight", _t, _t),
+        _Rule("mlp/down_kernel", p + "mlp.down_proj.weight", _t, _t),
+    ]
+    if cfg.qkv_bias:
+        layer += [_Rule("self_attn/q_bias", p + "self_attn.q_proj.bias", *bias_heads(Q)),
+                  _Rule("self_attn/k_bias", p + "self_attn.k_proj.bias", *bias_heads(K)),
+                  _Rule("self_attn/v_bias", p + "self_attn.v_proj.bias", *bias_heads(K))]
+    if cfg.o_bias:
+        layer.append(_Rule("self_attn/o_bias", p + "self_attn.o_proj.bias", _same, _same))
+    if cfg.qk_norm:
+        layer += [_Rule("self_attn/q_norm/scale", p + "self_attn.q_norm.weight", _same, _same),
+                  _Rule("self_attn/k_norm/scale", p + "self_attn.k_norm.weight", _same, _same)]
+    return glob, layer
+
+
+def expected_tensors(cfg: QwenConfig) -> dict[str, tuple[tuple[str, int | None], _Rule]]:
+    """HF tensor name -> ((our param path, layer index or None), rule)."""
+    glob, layer = _rules(cfg)
+    out = {r.hf: ((r.ours, None), r) for r in glob}
+    for i in range(cfg.num_layers):
+        for r in layer:
+            out[r.hf.format(i=i)] = ((r.ours, i), r)
+    return out
+
+
+def _key(cfg: QwenConfig, ours: str, layer: int | None) -> str:
+    """Flat path of our parameter; scanned layers share one stacked parameter."""
+    if layer is None:
+        return ours
+    return f"layers/{ours}" if cfg.scan_layers else f"layers/{layer}/{ours}"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a folder
+# --------------------------------------------------------------------------------------------
+
+
+class _Folder:
+    """Tensor name -> file, from model.safetensors or the sharded index (local or gs://)."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        names = storage.listdir(self.path)
+        if not names and not storage.exists(self.path):
+            raise FileNotFoundError(f"{self.path}: no such model folder")
+        if INDEX_FILE in names:
+            idx_path = storage.join(self.path, INDEX_FILE)
+            try:
+                weight_map = json.loads(storage.read_text(idx_path))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{idx_path}: not a valid safetensors index ({e})") from None
+            self.weight_map: dict[str, str] = dict(weight_map)
+        elif SINGLE_FILE in names:
+            from safetensors import safe_open
+            with storage.local_file(storage.join(self.path, SINGLE_FILE)) as local, \
+                    safe_open(local, framework="numpy") as f:
+                self.weight_map = {k: SINGLE_FILE for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{self.path}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
+                                    f"(files: {names[:10]})")
+
+    def by_file(self, tensor_names) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = defaultdict(list)
+        for name in tensor_names:
+            groups[self.weight_map[name]].append(name)
+        return dict(sorted(groups.items()))
+
+
+def _check_names(cfg: QwenConfig, folder: _Folder) -> dict:
+    expected = expected_tensors(cfg)
+    missing = [n for n in expected if n not in folder.weight_map]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(f"{folder.path}: missing tensor(s) {missing[:5]}{more} for a {cfg.arch} model "
+                         f"with {cfg.num_layers} layers")
+    unexpected = [n for n in folder.weight_map if n not in expected
+                  and not n.endswith(IGNORED_TENSORS) and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    if unexpected:
+        raise ValueError(f"{folder.path}: unexpected tensor(s) {unexpected[:5]} — not part of a {cfg.arch} "
+                         "model with this config.json (wrong architecture or layer count?)")
+    return expected
+
+
+def _place(value: np.ndarray, sharding) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+def load_pretrained(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None, *,
+                    param_dtype: str | None = None, rules=None, **config_overrides) -> tuple[Qwen, QwenConfig]:
+    """Builds the NNX Qwen from a HF folder. `dtype` sets compute and (unless `param_dtype` is
+    given) storage dtype; other keyword arguments override QwenConfig fields (e.g. scan_layers)."""
+    overrides = dict(config_overrides)
+    if dtype is not None:
+        overrides["dtype"] = dtype
+        overrides.setdefault("param_dtype", param_dtype or dtype)
+    elif param_dtype is not None:
+        overrides["param_dtype"] = param_dtype
+    cfg = QwenConfig.from_hf(path, **overrides)
+    folder = _Folder(path)
+    expected = _check_names(cfg, folder)
+
+    graphdef, abs_state = nnx.split(abstract_model(cfg))
+    abs_flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(abs_state)}
+    shardings = {}
+    if mesh is not None:
+        shardings = {k: named_sharding(mesh, v.get_metadata().get("logical_axes"), v.get_value().shape, rules)
+                     for k, v in abs_flat.items()}
+
+    values: dict[str, Any] = {}
+    stacked: dict[str, list] = defaultdict(lambda: [None] * cfg.num_layers)
+    pdt = jnp.dtype(cfg.param_dtype)
+    from safetensors import safe_open
+    for fname, names in folder.by_file(n for n in expected).items():
+        with storage.local_file(storage.join(folder.path, fname)) as local, safe_open(local, framework="numpy") as f:
+            for name in names:
+                (ours, layer), rule = expected[name]
+                key = _key(cfg, ours, layer)
+                want = abs_flat[key].get_value().shape
+                if cfg.scan_layers and layer is not None:
+                    want = want[1:]
+                raw = f.get_tensor(name)
+                try:
+                    arr = rule.to_ours(raw, cfg)
+                except ValueError:
+                    arr = None
+                if arr is None or arr.shape != tuple(want):
+                    raise ValueError(f"{folder.path}: tensor {name} has shape {tuple(raw.shape)}; "
+                                     f"config.json implies a tensor that maps to {tuple(want)}")
+                arr = np.asarray(arr).astype(pdt)
+                sh = shardings.get(key)
+                if cfg.scan_layers and layer is not None:
+                    per_layer = None if sh is None else jax.sharding.NamedSharding(
+                        sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+                    stacked[key][layer] = _place(arr, per_layer)
+                else:
+                    values[key] = _place(arr, sh)
+                del raw, arr
+    for key, parts in stacked.items():
+        sh = shardings.get(key)
+        stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sh) if sh is not None else \
+            (lambda *xs: jnp.stack(xs))
+        values[key] = stack(*parts)
+        parts.clear()
+
+    state = abs_state
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(values["/".join(map(str, path))])
+    return nnx.merge(graphdef, state), cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def save_pretrained(model: Qwen, config: QwenConfig | None, out_dir: str, tokenizer=None, *,
+                    max_shard_size: int | str = "2GB", dtype: str | None = None) -> list[str]:
+    """Writes config.json, generation_config.json, sharded safetensors + index and (optionally)
+    tokenizer files to a local or gs:// folder. Returns the file names written."""
+    from safetensors.numpy import save_file
+
+    cfg = config or model.cfg
+    out_dtype = jnp.dtype(dtype or cfg.param_dtype)
+    if out_dtype.name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"export dtype {out_dtype.name!r}: expected float32, bfloat16 or float16")
+    state = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    expected = expected_tensors(cfg)
+
+    def fetch(name: str) -> np.ndarray:
+        (ours, layer), rule = expected[name]
+        x = state[_key(cfg, ours, layer)]
+        if layer is not None and cfg.scan_layers:
+            x = x[layer]
+        return rule.to_hf(_gather(x).astype(out_dtype), cfg)
+
+    def nbytes(name: str) -> int:
+        (ours, layer), _ = expected[name]
+        shape = state[_key(cfg, ours, layer)].shape
+        if layer is not None and cfg.scan_layers:
+            shape = shape[1:]
+        return math.prod(shape) * out_dtype.itemsize
+
+    limit = _parse_size(max_shard_size)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in expected:
+        n = nbytes(name)
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+
+    written = []
+    is_writer = jax.process_index() == 0
+    with storage.local_dir_for_writing(out_dir) as local:
+        total = len(shards)
+        weight_map = {}
+        for k, names in enumerate(shards):
+            fname = SINGLE_FILE if total == 1 else f"model-{k + 1:05d}-of-{total:05d}.safetensors"
+            tensors = {name: fetch(name) for name in names}  # every host joins the gathers
+            if is_writer:
+                save_file(tensors, os.path.join(local, fname), metadata={"format": "pt"})
+                written.append(fname)
+            weight_map.update({name: fname for name in names})
+            del tensors
+        if not is_writer:
+            return []
+        if total > 1:
+            index = {"metadata": {"total_size": sum(nbytes(n) for n in expected)}, "weight_map": weight_map}
+            _write_json(os.path.join(local, INDEX_FILE), index)
+            written.append(INDEX_FILE)
+        hf_cfg = cfg.to_hf()
+        hf_cfg["torch_dtype"] = out_dtype.name
+        _write_json(os.path.join(local, "config.json"), hf_cfg)
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
+               "temperature": 1.0}
+        _write_json(os.path.join(local, "generation_config.json"), gen)
+        written += ["config.json", "generation_config.json"]
+        if tokenizer is not None:
+            written += [os.path.basename(p) for p in tokenizer.save_pretrained(local)]
+    return written
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def inspect(path: str) -> str:
+    cfg = QwenConfig.from_hf(path)
+    folder = _Folder(path)
+    lines = [f"folder: {path}", f"arch: {cfg.arch}  layers={cfg.num_layers} hidden={cfg.hidden_size} "
+             f"heads={cfg.num_heads}/{cfg.num_kv_heads} head_dim={cfg.head_dim} mlp={cfg.intermediate_size} "
+             f"vocab={cfg.vocab_size} tied={cfg.tie_word_embeddings}",
+             f"parameters (from config): {cfg.num_params():,}",
+             f"tensors in folder: {len(folder.weight_map)} in {len(set(folder.weight_map.values()))} file(s)"]
+    try:
+        _check_names(cfg, folder)
+        lines.append("tensor names: complete and consistent with config.json")
+    except ValueError as e:
+        lines.append(f"tensor names: PROBLEM: {e}")
+    return "\n".join(lines)
+
+
+def _save_orbax(model: Qwen, cfg: QwenConfig, out: str) -> None:
+    import orbax.checkpoint as ocp
+    path = out if storage.is_gcs(out) else os.path.abspath(out)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(storage.join(path, "params"), nnx.state(model, nnx.Param))
+    ckptr.wait_until_finished()
+    storage.write_text(storage.join(path, "model_config.json"),
+                       json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
+
+
+def _load_orbax(path: str) -> tuple[Qwen, QwenConfig]:
+    import orbax.checkpoint as ocp
+    path = path if storage.is_gcs(path) else os.path.abspath(path)
+    try:
+        cfg = QwenConfig(**json.loads(storage.read_text(storage.join(path, "model_config.json"))))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no model_config.json; expected a folder written by "
+                                "`python -m automem_jax.models.hf import`") from None
+    graphdef, abs_state = nnx.split(abstract_model(cfg))
+    params = nnx.state(nnx.merge(graphdef, abs_state), nnx.Param)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    restored = ocp.StandardCheckpointer().restore(storage.join(path, "params"), target)
+    model = nnx.merge(graphdef, abs_state)
+    nnx.update(model, restored)
+    return model, cfg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m automem_jax.models.hf",
+                                 description="Import, export and inspect Hugging Face Qwen folders.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("inspect", help="config summary and tensor check of a HF folder")
+    a.add_argument("path")
+    b = sub.add_parser("import", help="HF folder -> orbax parameter checkpoint")
+    b.add_argument("path")
+    b.add_argument("--out", required=True, help="output folder (local or gs://)")
+    b.add_argument("--dtype", default=None, help="parameter dtype (default: float32)")
+    c = sub.add_parser("export", help="random preset or imported checkpoint -> HF folder")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="export a randomly initialised preset (tests, smoke runs)")
+    src.add_argument("--checkpoint", help="folder written by `import` (or by training)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dtype", default=None, help="dtype of the written tensors")
+    c.add_argument("--tokenizer", default="default",
+                   help="'default' (offline Qwen3 tokenizer), a tokenizer folder, or 'none'")
+    c.add_argument("--max_shard_size", default="2GB")
+    c.add_argument("out")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "inspect":
+            print(inspect(args.path))
+        elif args.cmd == "import":
+            model, cfg = load_pretrained(args.path, param_dtype=args.dtype)
+            _save_orbax(model, cfg, args.out)
+            print(f"imported {cfg.num_params():,} parameters ({cfg.arch}) from {args.path} -> {args.out}")
+        else:
+            if args.preset:
+                from automem_jax.models.qwen import init_model, preset
+                cfg = preset(args.preset)
+                model = init_model(cfg, seed=args.seed)
+            else:
+                model, cfg = _load_orbax(args.checkpoint)
+            tok = None
+            if args.tokenizer != "none":
+                from automem_jax.models.tokenizer import load_tokenizer
+                tok = load_tokenizer(None if args.tokenizer == "default" else args.tokenizer)
+            files = save_pretrained(model, cfg, args.out, tok, max_shard_size=args.max_shard_size, dtype=args.dtype)
+            print(f"exported {cfg.num_params():,} parameters to {args.out}: {', '.join(files)}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

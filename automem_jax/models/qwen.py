@@ -1,0 +1,652 @@
+"""Decoder-only Qwen2 / Qwen2.5 / Qwen3 in Flax NNX.
+
+One module covers both families: Qwen2 has biases on q/k/v and no q/k norm; Qwen3 has RMSNorm on
+each query and key head and no biases. Parameters keep Hugging Face's layout up to a transpose
+(kernels are [in, out], attention kernels split the head axis), so the converter in `hf.py` is a
+table of names. Every parameter carries `logical_axes` metadata and large activations are
+constrained with logical names (see `automem_jax.parallel.mesh`).
+
+Two call paths:
+  * `model(input_ids, attention_mask=None, positions=None)` -> logits [B, T, V]; training and scoring.
+  * `model.forward_with_cache(input_ids, cache, attention_mask, positions)` -> (logits, cache); the
+    KV cache is a plain pytree (`KVCache`), so the generation engine can jit and donate it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from automem_jax.parallel.mesh import constrain
+
+# --------------------------------------------------------------------------------------------
+# Config and presets
+# --------------------------------------------------------------------------------------------
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+ARCHS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenConfig:
+    # architecture (mirrors the Hugging Face config.json fields)
+    arch: str = "qwen3"  # "qwen2" (Qwen2 / Qwen2.5) or "qwen3"
+    vocab_size: int = 151936
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = True
+    max_position_embeddings: int = 40960
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151645
+    initializer_range: float = 0.02
+    # runtime (not part of the exported architecture)
+    dtype: str = "float32"  # compute dtype of matmuls and activations
+    param_dtype: str = "float32"  # storage dtype of parameters
+    scan_layers: bool = False  # one scanned layer body: compile time flat in depth
+    remat: str = "none"  # none | full | save_dots (recompute all but matmul outputs)
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"QwenConfig.arch: expected one of {sorted(ARCHS)}, got {self.arch!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"QwenConfig.remat: expected one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"QwenConfig: num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ValueError(f"QwenConfig.{name}: unknown dtype {getattr(self, name)!r}") from None
+
+    def replace(self, **kw) -> "QwenConfig":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    # ---- Hugging Face config.json -----------------------------------------------------------
+    @classmethod
+    def from_hf(cls, path_or_dict: str | Mapping[str, Any], **overrides) -> "QwenConfig":
+        """Reads a transformers config (dict, config.json path, or folder with config.json; local or gs://)."""
+        if isinstance(path_or_dict, Mapping):
+            d = dict(path_or_dict)
+            where = "config"
+        else:
+            from automem_jax import storage
+            p = str(path_or_dict)
+            if not p.endswith(".json"):
+                p = storage.join(p, "config.json")
+            where = p
+            try:
+                d = json.loads(storage.read_text(p))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{p}: no config.json; expected a Hugging Face model folder") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}: not valid JSON ({e})") from None
+        model_type = d.get("model_type")
+        if model_type not in ARCHS:
+            archs = d.get("architectures")
+            raise ValueError(f"{where}: unsupported model_type {model_type!r} (architectures={archs}); "
+                             f"supported: {sorted(ARCHS)}")
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{where}: unsupported hidden_act {d['hidden_act']!r}; expected 'silu'")
+        if d.get("use_sliding_window"):
+            raise ValueError(f"{where}: use_sliding_window=true is not supported")
+        # transformers v5 nests RoPE settings in rope_parameters; v4 has rope_theta + rope_scaling.
+        theta = d.get("rope_theta")
+        for field in ("rope_parameters", "rope_scaling"):
+            rope = d.get(field) or {}
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in (None, "default"):
+                raise ValueError(f"{where}: unsupported RoPE scaling {rope_type!r} (field {field}); "
+                                 "only default RoPE is implemented")
+            theta = rope.get("rope_theta", theta)
+        theta = 10000.0 if theta is None else theta
+        heads = d["num_attention_heads"]
+        qwen3 = model_type == "qwen3"
+        kw = dict(
+            arch=model_type,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rope_theta=float(theta),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=bool(d.get("attention_bias", False)) if qwen3 else True,
+            o_bias=bool(d.get("attention_bias", False)) if qwen3 else False,
+            qk_norm=qwen3,
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            initializer_range=float(d.get("initializer_range", 0.02)),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        d = {
+            "architectures": [ARCHS[self.arch]],
+            "model_type": self.arch,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": self.param_dtype if self.param_dtype in ("float32", "bfloat16", "float16") else "float32",
+        }
+        if self.arch == "qwen3":
+            d["head_dim"] = self.head_dim
+            d["attention_bias"] = self.qkv_bias
+        elif self.head_dim * self.num_heads != self.hidden_size:
+            raise ValueError("Qwen2 configs require head_dim * num_heads == hidden_size for export")
+        return d
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def param_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+        """'path/to/param' -> (shape, logical axes), read off the abstract (unallocated) model."""
+        abstract = abstract_model(self.replace(scan_layers=True))
+        out = {}
+        for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+            out["/".join(map(str, path))] = (tuple(var.get_value().shape), var.get_metadata()["logical_axes"])
+        return out
+
+    def num_params(self) -> int:
+        return sum(math.prod(s) for s, _ in self.param_shapes().values())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x matmul params + causal attention (MaxText's accounting)."""
+        shapes = self.param_shapes()
+        # The embedding lookup is not a matmul; a tied embedding counts once, as the LM head.
+        skip = [n for n in shapes if n.endswith(("scale", "bias"))]
+        if not self.tie_word_embeddings:
+            skip.append("embed_tokens")
+        n_matmul = self.num_params() - sum(math.prod(shapes[n][0]) for n in skip)
+        attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len / 2
+        return 6 * n_matmul + attn
+
+
+def _qwen25(hidden, layers, heads, kv, mlp, vocab, tied):
+    return QwenConfig(arch="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp,
+                      num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
+                      rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=tied, qkv_bias=True,
+                      qk_norm=False, max_position_embeddings=32768, eos_token_id=151645)
+
+
+def _qwen3(hidden, layers, heads, kv, mlp, tied):
+    return QwenConfig(arch="qwen3", vocab_size=151936, hidden_size=hidden, intermediate_size=mlp,
+                      num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=128, rope_theta=1e6,
+                      rms_norm_eps=1e-6, tie_word_embeddings=tied, qkv_bias=False, qk_norm=True,
+                      max_position_embeddings=40960, eos_token_id=151645)
+
+
+# Shapes follow the Hugging Face Instruct checkpoints (the paper's policy is Qwen2.5-32B-Instruct).
+PRESETS: dict[str, QwenConfig] = {
+    # Random test/laptop model over the real Qwen3 tokenizer vocabulary.
+    "tiny": QwenConfig(arch="qwen3", vocab_size=151936, hidden_size=128, intermediate_size=384,
+                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True),
+    "qwen2.5-0.5b": _qwen25(896, 24, 14, 2, 4864, 151936, True),
+    "qwen2.5-1.5b": _qwen25(1536, 28, 12, 2, 8960, 151936, True),
+    "qwen2.5-7b": _qwen25(3584, 28, 28, 4, 18944, 152064, False),
+    "qwen2.5-14b": _qwen25(5120, 48, 40, 8, 13824, 152064, False),
+    "qwen2.5-32b": _qwen25(5120, 64, 40, 8, 27648, 152064, False),
+    "qwen3-0.6b": _qwen3(1024, 28, 16, 8, 3072, True),
+    "qwen3-1.7b": _qwen3(2048, 28, 16, 8, 6144, True),
+    "qwen3-4b": _qwen3(2560, 36, 32, 8, 9728, True),
+    "qwen3-8b": _qwen3(4096, 36, 32, 8, 12288, False),
+    "qwen3-14b": _qwen3(5120, 40, 40, 8, 17408, False),
+    "qwen3-32b": _qwen3(5120, 64, 64, 8, 25600, False),
+}
+
+
+def preset(name: str, **overrides) -> QwenConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+
+
+def _param(rngs: nnx.Rngs, init, shape, dtype, axes, stack: int | None) -> nnx.Param:
+    """A parameter with logical axes; `stack` prepends a scanned `layers` dimension."""
+    if stack is not None:
+        shape, axes = (stack, *shape), ("layers", *axes)
+    key = None if rngs is None else rngs.params()
+    return nnx.Param(init(key, shape, dtype), logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, cfg: QwenConfig, stack: int | None = None):
+        self.eps = eps
+        self.scale = _param(None, lambda _, shape, dt: jnp.ones(shape, dt), (dim,), cfg.param_dtype, ("norm",), stack)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before the weight multiply; keep that order for parity.
+        return self.scale[...].astype(dtype) * x32.astype(dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float):
+    """cos/sin of shape [B, T, head_dim/2] in float32 for integer positions [B, T]."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face convention) on x [B, T, N, D]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return out.astype(x.dtype)
+
+
+_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: QwenConfig, rngs: nnx.Rngs, stack: int | None = None):
+        self.cfg = cfg
+        H, Q, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init = nnx.initializers.normal(cfg.initializer_range)
+        zeros = nnx.initializers.zeros
+        pd = cfg.param_dtype
+        self.q_kernel = _param(rngs, init, (H, Q, D), pd, ("embed", "heads", "head_dim"), stack)
+        self.k_kernel = _param(rngs, init, (H, K, D), pd, ("embed", "kv_heads", "head_dim"), stack)
+        self.v_kernel = _param(rngs, init, (H, K, D), pd, ("embed", "kv_heads", "head_dim"), stack)
+        self.o_kernel = _param(rngs, init, (Q, D, H), pd, ("heads", "head_dim", "embed"), stack)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, zeros, (Q, D), pd, ("heads", "head_dim"), stack)
+            self.k_bias = _param(rngs, zeros, (K, D), pd, ("kv_heads", "head_dim"), stack)
+            self.v_bias = _param(rngs, zeros, (K, D), pd, ("kv_heads", "head_dim"), stack)
+        if cfg.o_bias:
+            self.o_bias = _param(rngs, zeros, (H,), pd, ("embed",), stack)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, cfg, stack)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, cfg, stack)
+
+    def _proj(self, x, kernel, bias, names):
+        dt = self.cfg.compute_dtype
+        y = jnp.einsum("bth,hnd->btnd", x, kernel[...].astype(dt))
+        if bias is not None:
+            y = y + bias[...].astype(dt)
+        return constrain(y, names)
+
+    def __call__(self, x, cos, sin, kv_mask, q_slots, cache_kv=None, write_index=None):
+        """x [B,T,H]. Returns (out [B,T,H], (k, v) written into the cache or this call's k, v).
+
+        kv_mask [B, S] marks valid key slots; q_slots [B, T] is each query's slot index, so that
+        key slot s is visible to a query at slot q iff s <= q and kv_mask[b, s].
+        """
+        cfg = self.cfg
+        q = self._proj(x, self.q_kernel, getattr(self, "q_bias", None), ("batch", "length", "act_heads", "head_dim"))
+        k = self._proj(x, self.k_kernel, getattr(self, "k_bias", None), ("batch", "length", "act_kv_heads", "head_dim"))
+        v = self._proj(x, self.v_kernel, getattr(self, "v_bias", None), ("batch", "length", "act_kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            upd = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
+            ck = upd(ck, k.astype(ck.dtype), write_index)
+            cv = upd(cv, v.astype(cv.dtype), write_index)
+            keys, values, new_kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
+        else:
+            keys, values, new_kv = k, v, None
+
+        B, T, Qh, D = q.shape
+        Kh = keys.shape[2]
+        qg = q.reshape(B, T, Kh, Qh // Kh, D)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
+        scores = scores * (D ** -0.5)
+        S = keys.shape[1]
+        visible = (jnp.arange(S)[None, None, :] <= q_slots[:, :, None]) & kv_mask[:, None, :]
+        scores = jnp.where(visible[:, None, None, :, :], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(B, T, Qh, D)
+        out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
+        y = jnp.einsum("btnd,ndh->bth", out, self.o_kernel[...].astype(out.dtype))
+        if cfg.o_bias:
+            y = y + self.o_bias[...].astype(y.dtype)
+        return constrain(y, ("batch", "length", "act_embed")), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: QwenConfig, rngs: nnx.Rngs, stack: int | None = None):
+        self.cfg = cfg
+        H, F = cfg.hidden_size, cfg.intermediate_size
+        init = nnx.initializers.normal(cfg.initializer_range)
+        self.gate_kernel = _param(rngs, init, (H, F), cfg.param_dtype, ("embed", "mlp"), stack)
+        self.up_kernel = _param(rngs, init, (H, F), cfg.param_dtype, ("embed", "mlp"), stack)
+        self.down_kernel = _param(rngs, init, (F, H), cfg.param_dtype, ("mlp", "embed"), stack)
+
+    def __call__(self, x):
+        dt = x.dtype
+        g = x @ self.gate_kernel[...].astype(dt)
+        u = x @ self.up_kernel[...].astype(dt)
+        h = constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"))
+        return constrain(h @ self.down_kernel[...].astype(dt), ("batch", "length", "act_embed"))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: QwenConfig, rngs: nnx.Rngs, stack: int | None = None):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, stack)
+        self.self_attn = Attention(cfg, rngs, stack)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, stack)
+        self.mlp = MLP(cfg, rngs, stack)
+
+    def __call__(self, x, cos, sin, kv_mask, q_slots, cache_kv=None, write_index=None):
+        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, kv_mask, q_slots, cache_kv, write_index)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, new_kv
+
+
+class KVCache(NamedTuple):
+    """Functional KV cache. k/v: [L, B, S, kv_heads, head_dim]; mask: [B, S] valid slots;
+    index: [B] next write slot per row; pos: [B] RoPE position of the next token per row."""
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+    pos: jax.Array
+
+    @classmethod
+    def init(cls, cfg: QwenConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        z = jnp.zeros(shape, dtype)
+        return cls(z, z, jnp.zeros((batch, max_len), bool), jnp.zeros((batch,), jnp.int32),
+                   jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
+
+
+def _remat_policy(name: str):
+    if name == "save_dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return None  # "full": save nothing but the layer inputs
+
+
+class Qwen(nnx.Module):
+    """Qwen2/Qwen3 causal LM. Parameters follow `QwenConfig.param_shapes()`."""
+
+    def __init__(self, cfg: QwenConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        init = nnx.initializers.normal(cfg.initializer_range)
+        self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype),
+                                      logical_axes=("vocab", "embed"))
+        if cfg.scan_layers:
+            self.layers = DecoderLayer(cfg, rngs, stack=cfg.num_layers)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype),
+                                     logical_axes=("embed", "vocab"))
+
+    # ---- public API ---------------------------------------------------------------------------
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        """Logits [B, T, V] (float32) for a (possibly padded) batch without a cache."""
+        B, T = input_ids.shape
+        mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        if positions is None:
+            positions = default_positions(mask)
+        q_slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x = self._run_layers(self._embed(input_ids), positions, mask, q_slots, None, None)[0]
+        return self._logits(x)
+
+    def forward_with_cache(self, input_ids, cache: KVCache, attention_mask=None, positions=None):
+        """Appends T tokens per row at slots cache.index[b]...; returns (logits [B,T,V], new cache).
+
+        Prefill: a padded batch (left or right padding) into an empty cache. Decode: T=1 per step.
+        Padding tokens are written but masked out, so every row keeps its own positions.
+        """
+        B, T = input_ids.shape
+        mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        if positions is None:
+            positions = cache.pos[:, None] + default_positions(mask)
+        q_slots = cache.index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        upd = jax.vmap(lambda m, new, i: jax.lax.dynamic_update_slice_in_dim(m, new, i, axis=0))
+        kv_mask = upd(cache.mask, mask, cache.index)
+        x, k, v = self._run_layers(self._embed(input_ids), positions, kv_mask, q_slots, (cache.k, cache.v),
+                                   cache.index)
+        n_real = mask.sum(axis=1).astype(jnp.int32)
+        last_pos = jnp.max(jnp.where(mask, positions, -1), axis=1) + 1
+        new_cache = KVCache(k, v, kv_mask, cache.index + T, jnp.where(n_real > 0, last_pos, cache.pos))
+        return self._logits(x), new_cache
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _embed(self, ids):
+        # Gather from a table replicated along embed: a gather from an FSDP-sharded embed dim makes
+        # XLA fall back to full rematerialisation.
+        table = constrain(self.embed_tokens[...], ("vocab", None))
+        x = jnp.take(table, ids, axis=0).astype(self.cfg.compute_dtype)
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def _logits(self, x):
+        x = self.norm(x)
+        if self.cfg.tie_word_embeddings:
+            logits = jnp.einsum("bth,vh->btv", x, self.embed_tokens[...].astype(x.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("bth,hv->btv", x, self.lm_head[...].astype(x.dtype),
+                                preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+    def _run_layers(self, x, positions, kv_mask, q_slots, cache_kv, write_index):
+        cfg = self.cfg
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+        def make_body(graphdef):
+            def body(layer_state, h, layer_kv):
+                return nnx.merge(graphdef, layer_state)(h, cos, sin, kv_mask, q_slots, layer_kv, write_index)
+            if cfg.remat != "none":
+                body = jax.checkpoint(body, policy=_remat_policy(cfg.remat))
+            return body
+
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+            body = make_body(graphdef)
+
+            def step(h, xs):
+                return body(xs[0], h, xs[1])
+
+            x, new_kv = jax.lax.scan(step, x, (state, cache_kv))
+            return (x, None, None) if cache_kv is None else (x, new_kv[0], new_kv[1])
+
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            graphdef, state = nnx.split(layer)
+            layer_kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
+            x, new_kv = make_body(graphdef)(state, x, layer_kv)
+            if new_kv is not None:
+                ks.append(new_kv[0])
+                vs.append(new_kv[1])
+        return (x, None, None) if cache_kv is None else (x, jnp.stack(ks), jnp.stack(vs))
+
+
+def default_positions(mask: jax.Array) -> jax.Array:
+    """RoPE positions that skip padding: the i-th real token of a row gets position i."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Construction helpers
+# --------------------------------------------------------------------------------------------
+
+
+def abstract_model(cfg: QwenConfig) -> Qwen:
+    """The model with ShapeDtypeStruct leaves: no memory is allocated."""
+    return nnx.eval_shape(lambda: Qwen(cfg, nnx.Rngs(0)))
+
+
+def init_model(cfg: QwenConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None, rules=None) -> Qwen:
+    """Random init; with a mesh, each parameter is created directly in its sharding."""
+    if mesh is None:
+        return Qwen(cfg, nnx.Rngs(seed))
+    from automem_jax.parallel.mesh import state_shardings
+    graphdef, abs_state = nnx.split(abstract_model(cfg))
+    shardings = state_shardings(abs_state, mesh, rules)
+
+    def make():
+        return nnx.state(Qwen(cfg, nnx.Rngs(seed)))
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(make, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def greedy_generate(model: Qwen, input_ids, attention_mask, max_new_tokens: int, eos_id: int | None = None):
+    """Greedy decoding with the KV cache: one jitted prefill, then jitted one-token steps.
+
+    Returns new token ids [B, max_new_tokens] (rows that hit `eos_id` are padded with it). A plain
+    reference path; batched serving with sampling and stop strings lives in `automem_jax.llm.engine`.
+    """
+    graphdef, state = nnx.split(model)
+    B, T = input_ids.shape
+    cache = KVCache.init(model.cfg, B, T + max_new_tokens)
+
+    @jax.jit
+    def prefill(state, ids, mask, cache):
+        logits, cache = nnx.merge(graphdef, state).forward_with_cache(ids, cache, mask)
+        last = jnp.take_along_axis(logits, (mask.cumsum(1).argmax(1))[:, None, None], axis=1)[:, 0]
+        return jnp.argmax(last, -1).astype(jnp.int32), cache
+
+    @jax.jit
+    def step(state, tok, cache):
+        logits, cache = nnx.merge(graphdef, state).forward_with_cache(tok[:, None], cache)
+        return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
+
+    tok, cache = prefill(state, jnp.asarray(input_ids), jnp.asarray(attention_mask, bool), cache)
+    out = [tok]
+    done = jnp.zeros((B,), bool) if eos_id is None else tok == eos_id
+    for _ in range(max_new_tokens - 1):
+        tok, cache = step(state, tok, cache)
+        if eos_id is not None:
+            tok = jnp.where(done, eos_id, tok)
+            done = done | (tok == eos_id)
+            if bool(done.all()):
+                out.append(tok)
+                break
+        out.append(tok)
+    ids = jnp.stack(out, axis=1)
+    if ids.shape[1] < max_new_tokens:
+        ids = jnp.pad(ids, ((0, 0), (0, max_new_tokens - ids.shape[1])), constant_values=eos_id)
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: python -m automem_jax.models.qwen --preset qwen2.5-32b --describe --mesh fsdp=64
+# --------------------------------------------------------------------------------------------
+
+
+def describe(cfg: QwenConfig, mesh_axes: Mapping[str, int] | None = None, rules=None) -> str:
+    from automem_jax.parallel.mesh import bytes_per_device
+    mesh_axes = dict(mesh_axes or {})
+    n_dev = math.prod(mesh_axes.values()) if mesh_axes else 1
+    from automem_jax.parallel.mesh import logical_to_spec
+    itemsize = jnp.dtype(cfg.param_dtype).itemsize
+    total = 0
+    per_dev = 0
+    per_dev_f32 = 0
+    lines = []
+    for name, (shape, axes) in cfg.param_shapes().items():
+        n = math.prod(shape)
+        total += n
+        b = bytes_per_device(shape, itemsize, axes, mesh_axes, rules)
+        per_dev += b
+        per_dev_f32 += bytes_per_device(shape, 4, axes, mesh_axes, rules)
+        spec = logical_to_spec(axes, shape, mesh_axes, rules)
+        lines.append(f"  {name:40s} {str(shape):26s} {str(axes):44s} -> {spec}")
+    gib = 1024 ** 3
+    head = [
+        f"model: {cfg.arch}  layers={cfg.num_layers} hidden={cfg.hidden_size} heads={cfg.num_heads}/"
+        f"{cfg.num_kv_heads} head_dim={cfg.head_dim} mlp={cfg.intermediate_size} vocab={cfg.vocab_size} "
+        f"tied={cfg.tie_word_embeddings} qkv_bias={cfg.qkv_bias} qk_norm={cfg.qk_norm} rope_theta={cfg.rope_theta:g}",
+        f"parameters: {total:,} ({total / 1e9:.3f}B)",
+        f"mesh: {mesh_axes or {'(single device)': 1}}  devices={n_dev}",
+        f"parameter bytes per device ({cfg.param_dtype}): {per_dev / gib:.3f} GiB "
+        f"(total {total * itemsize / gib:.2f} GiB)",
+        f"full fine-tuning state per device (f32 master + AdamW mu, nu): {3 * per_dev_f32 / gib:.3f} GiB",
+    ]
+    return "\n".join(head + ["parameters (name, shape, logical axes -> mesh spec):"] + lines)
+
+
+def main(argv=None) -> int:
+    from automem_jax.parallel.mesh import parse_axes
+    ap = argparse.ArgumentParser(prog="python -m automem_jax.models.qwen",
+                                 description="Describe a Qwen preset without allocating it.")
+    ap.add_argument("--preset", default="tiny", help=f"one of: {', '.join(PRESETS)}")
+    ap.add_argument("--describe", action="store_true", help="print parameter count and bytes per device")
+    ap.add_argument("--mesh", default="", help="mesh axes, e.g. fsdp=64 or data=2,fsdp=16,tensor=4")
+    ap.add_argument("--param_dtype", default="bfloat16", help="storage dtype used for the byte count")
+    args = ap.parse_args(argv)
+    try:
+        cfg = preset(args.preset, param_dtype=args.param_dtype)
+        axes = parse_axes(args.mesh)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.describe:
+        ap.print_help()
+        return 0
+    print(describe(cfg, axes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

