@@ -113,6 +113,22 @@ def run(cfg, workdir: str, phases: list[str]) -> None:
         log.info("phase %s: done", name)
 
 
+def validate_config(cfg) -> None:
+    """Cheap checks before anything is written, so a typo never costs a half-written workdir."""
+    from automem_jax.models import qwen
+    from automem_jax.parallel.mesh import MeshConfig
+    try:
+        runtime = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                       scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
+        if not cfg.model.checkpoint:
+            qwen.preset(cfg.model.preset, **runtime)
+        else:
+            qwen.QwenConfig.from_hf(cfg.model.checkpoint, **runtime)
+        MeshConfig.from_any(cfg.mesh.to_dict())
+    except (ValueError, FileNotFoundError) as e:
+        raise app.UsageError(f"config: {e}") from None
+
+
 def _resolve_phases(cfg) -> list[str]:
     text = _PHASES.value if _PHASES.value is not None else cfg.phases
     names = [p.strip() for p in text.split(",") if p.strip()]
@@ -130,6 +146,7 @@ def main(argv) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     cfg = _CONFIG.value
     phases = _resolve_phases(cfg)
+    validate_config(cfg)
     run(cfg, _WORKDIR.value, phases)
 
 

@@ -1,0 +1,37 @@
+"""The README's main command on the tiny config: runs, resumes, and rejects bad flags clearly."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "launch.tpu_run", "--config=configs/tiny.py", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_main_job_runs_and_resumes(tmp_path):
+    wd = str(tmp_path / "run")
+    r = _run(f"--workdir={wd}", "--config.smoke.max_new_tokens=5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(open(os.path.join(wd, "phases", "model_smoke", "result.json")).read())
+    assert len(res["generated"]) == 5 and res["parameters"] == 19_841_792
+    assert os.path.exists(os.path.join(wd, "export", "hf", "model.safetensors"))
+    cfg = json.loads(open(os.path.join(wd, "config.json")).read())
+    assert cfg["smoke"]["max_new_tokens"] == 5
+    again = _run(f"--workdir={wd}")
+    assert again.returncode == 0 and "already done" in again.stdout
+
+
+def test_bad_flags_are_explained(tmp_path):
+    r = _run(f"--workdir={tmp_path}", "--phases=model_smoke,warp_drive")
+    assert r.returncode != 0 and "unknown phase(s) ['warp_drive']" in r.stderr + r.stdout
+    r = _run(f"--workdir={tmp_path}", "--config.model.presett=tiny")
+    assert r.returncode != 0 and "presett" in r.stderr
+    r = _run(f"--workdir={tmp_path}", "--config.model.preset=qwen9")
+    assert r.returncode != 0 and "known presets" in r.stderr + r.stdout
+    assert not os.path.exists(os.path.join(tmp_path, "phases"))
