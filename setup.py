@@ -17,6 +17,7 @@ setup(
     description="AutoMem in JAX/Flax NNX: memory-managing LLM agents, trained on TPU",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["automem_jax", "automem_jax.*", "launch", "configs"]),
+    package_data={"automem_jax.memory": ["defaults/*.yaml"]},
     install_requires=_requirements(),
     extras_require={
         # torch==2.13.0 is the CPU wheel already on the machine; any looser spec pulls CUDA wheels.
