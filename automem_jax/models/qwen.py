@@ -402,8 +402,8 @@ class KVCache(NamedTuple):
     def init(cls, cfg: QwenConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = jnp.dtype(dtype or cfg.dtype)
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        z = jnp.zeros(shape, dtype)
-        return cls(z, z, jnp.zeros((batch, max_len), bool), jnp.zeros((batch,), jnp.int32),
+        # Separate buffers for k and v: the engine donates the cache to its jitted steps.
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool), jnp.zeros((batch,), jnp.int32),
                    jnp.zeros((batch,), jnp.int32))
 
     @property
