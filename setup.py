@@ -26,6 +26,7 @@ setup(
             "pytest==9.2.0",
             "hypothesis==6.170.15",
             "gcp-storage-emulator==2026.7.19",
+            "openai==3.54.0",
         ],
     },
 )

@@ -1,0 +1,566 @@
+"""LLM clients: the one interface the rollout runner, the agent loops and the evals call.
+
+Contract: ``generate(requests: list[ChatRequest]) -> list[Completion]`` returns one Completion per
+request, in order. A failed call becomes ``Completion(text="", error=...)`` and never raises, so one
+bad call cannot end a rollout of hundreds of agents; configuration mistakes (a missing API-key
+variable, a bad URL, an unknown spec field) raise at construction instead.
+
+Back ends: ``EngineClient`` (the local batched ``Engine``), ``OpenAIClient`` (any OpenAI-compatible
+``/v1/chat/completions``: vLLM, hosted APIs, ``automem_jax.llm.server``) and ``RouterClient`` (the
+two-model setup: memory specialist + gameplay/base model). ``make_client(spec)`` builds any of them
+from a small config mapping.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import urllib.parse
+import weakref
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, runtime_checkable
+
+from automem_jax.agent.types import ROLE_GAMEPLAY, ROLE_MEMORY, ROLE_POLICY, ChatRequest, Completion
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Client(Protocol):
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]: ...
+
+
+def _error_completions(n: int, message: str, model_id: str = "") -> list[Completion]:
+    return [Completion(text="", error=message, model_id=model_id) for _ in range(n)]
+
+
+def _check_range(name: str, value, lo=None, hi=None, *, lo_open=False, integer=False, allow_none=False):
+    if value is None and allow_none:
+        return
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Local engine
+
+# One lock per Engine object: the Engine is not thread-safe, and a RouterClient may hold two
+# EngineClients over the same engine and call them from two threads.
+_ENGINE_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_ENGINE_LOCKS_GUARD = threading.Lock()
+
+
+def _engine_lock(engine) -> threading.Lock:
+    with _ENGINE_LOCKS_GUARD:
+        lock = _ENGINE_LOCKS.get(engine)
+        if lock is None:
+            lock = _ENGINE_LOCKS[engine] = threading.Lock()
+        return lock
+
+
+class EngineClient:
+    """Adapter over ``automem_jax.llm.engine.Engine``: per-request sampling params from the
+    request's ``stop``/``max_tokens`` and this client's defaults (``max_tokens`` here is a cap)."""
+
+    def __init__(self, engine, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 max_tokens: int | None = None, seed: int | None = None):
+        _check_range("temperature", temperature, 0)
+        _check_range("top_p", top_p, 0, 1, lo_open=True)
+        _check_range("top_k", top_k, 0, integer=True)
+        _check_range("max_tokens", max_tokens, 1, integer=True, allow_none=True)
+        _check_range("seed", seed, integer=True, allow_none=True)
+        self.engine = engine
+        self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
+        self.max_tokens, self.seed = max_tokens, seed
+        self._lock = _engine_lock(engine)
+
+    @property
+    def model_id(self) -> str:
+        return getattr(self.engine, "model_name", "")
+
+    def __repr__(self) -> str:
+        return (f"EngineClient(model={self.model_id!r}, temperature={self.temperature}, top_p={self.top_p}, "
+                f"top_k={self.top_k}, max_tokens={self.max_tokens})")
+
+    def _params(self, r: ChatRequest):
+        from automem_jax.llm.engine import SamplingParams
+        limit = r.max_tokens if self.max_tokens is None else min(r.max_tokens, self.max_tokens)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_tokens=limit, stop=list(r.stop) if r.stop else None, seed=self.seed)
+
+    def _call(self, requests: list[ChatRequest]) -> list[Completion]:
+        params = [self._params(r) for r in requests]
+        with self._lock:
+            outs = self.engine.generate(requests, params)
+        if len(outs) != len(requests):
+            raise RuntimeError(f"engine returned {len(outs)} completions for {len(requests)} requests")
+        for o in outs:
+            o.model_id = o.model_id or self.model_id
+        return list(outs)
+
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        requests = list(requests)
+        if not requests:
+            return []
+        try:
+            return self._call(requests)
+        except Exception as e:  # noqa: BLE001 - isolate the request that broke the batch
+            if len(requests) == 1:
+                log.warning("engine call failed: %s: %s", type(e).__name__, e)
+                return _error_completions(1, f"engine: {type(e).__name__}: {e}", self.model_id)
+        return [self.generate([r])[0] for r in requests]
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible HTTP
+#
+# Plain http.client rather than the `openai` package: the runtime needs no extra dependency, and we
+# own the retry policy (jittered backoff, Retry-After, which statuses retry), the timeouts and the
+# key handling. The official package is used in the tests, as a peer talking to our server.
+
+_RETRY_STATUS = frozenset({408, 409, 429})  # plus every 5xx
+
+
+class _Secret:
+    """Holds the API key so that no repr, vars() dump or traceback local shows it."""
+
+    __slots__ = ("_v",)
+
+    def __init__(self, value: str):
+        self._v = value
+
+    def get(self) -> str:
+        return self._v
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+
+class _RetryableError(Exception):
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _FatalError(Exception):
+    pass
+
+
+def _server_message(data: bytes) -> str:
+    """The `error.message` of an OpenAI-style error body, else the start of the body."""
+    try:
+        obj = json.loads(data)
+        err = obj.get("error") if isinstance(obj, dict) else None
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:500]
+        if isinstance(err, str):
+            return err[:500]
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return data[:300].decode("utf-8", "replace").strip()
+
+
+class OpenAIClient:
+    """Chat completions over HTTP against any OpenAI-compatible server.
+
+    base_url: e.g. ``http://127.0.0.1:8000/v1`` (``/chat/completions`` is appended).
+    api_key_env: the environment variable holding the key (read once, here); None sends no key.
+    timeout: seconds per attempt for connecting and for each read of the reply.
+    max_retries: extra attempts after connection errors, timeouts, 408/409/429 and 5xx; other 4xx
+        fail at once. The wait before retry k (0-based) is ``b/2 + uniform(0, b/2)`` with
+        ``b = min(backoff_max, backoff * 2**k)``, and at least a server's Retry-After (capped).
+    max_concurrency: requests in flight at once, across every `generate` call of this client.
+    temperature/top_p: sent with every request; max_tokens: a cap on each request's own max_tokens.
+    extra_body: merged into every request body (e.g. {"top_k": 20} for vLLM).
+    """
+
+    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
+                 timeout: float = 120.0, max_retries: int = 4, backoff: float = 1.0, backoff_max: float = 30.0,
+                 max_concurrency: int = 32, temperature: float | None = 1.0, top_p: float | None = 1.0,
+                 max_tokens: int | None = None, extra_body: Mapping[str, Any] | None = None):
+        if not isinstance(base_url, str) or not base_url:
+            raise ValueError(f"base_url must be a non-empty string, got {base_url!r}")
+        url = urllib.parse.urlsplit(base_url.rstrip("/"))
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"base_url must look like http(s)://host[:port]/v1, got {base_url!r}")
+        try:
+            url.port
+        except ValueError as e:
+            raise ValueError(f"base_url {base_url!r}: {e}") from None
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model must be a non-empty string, got {model!r}")
+        _check_range("timeout", timeout, 0, lo_open=True)
+        _check_range("max_retries", max_retries, 0, integer=True)
+        _check_range("backoff", backoff, 0)
+        _check_range("backoff_max", backoff_max, 0)
+        _check_range("max_concurrency", max_concurrency, 1, integer=True)
+        _check_range("temperature", temperature, 0, 2, allow_none=True)
+        _check_range("top_p", top_p, 0, 1, lo_open=True, allow_none=True)
+        _check_range("max_tokens", max_tokens, 1, integer=True, allow_none=True)
+        if extra_body is not None and not isinstance(extra_body, Mapping):
+            raise ValueError(f"extra_body must be a mapping, got {type(extra_body).__name__}")
+        self._key: _Secret | None = None
+        if api_key_env is not None:
+            if not isinstance(api_key_env, str) or not api_key_env:
+                raise ValueError(f"api_key_env must name an environment variable, got {api_key_env!r}")
+            value = os.environ.get(api_key_env)
+            if not value:
+                raise ValueError(f"environment variable {api_key_env} (api_key_env) is not set or empty; "
+                                 f"set it to the API key, or pass api_key_env=None for a server without auth")
+            self._key = _Secret(value)
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout, self.max_retries = float(timeout), int(max_retries)
+        self.backoff, self.backoff_max = float(backoff), float(backoff_max)
+        self.max_concurrency = int(max_concurrency)
+        self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
+        self.extra_body = dict(extra_body or {})
+        self._scheme, self._host, self._port = url.scheme, url.hostname, url.port
+        path = url.path.rstrip("/")
+        self._path = path if path.endswith("/chat/completions") else path + "/chat/completions"
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._local = threading.local()
+        self._conns: set[http.client.HTTPConnection] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (f"OpenAIClient(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
+                f"timeout={self.timeout}, max_retries={self.max_retries}, max_concurrency={self.max_concurrency})")
+
+    # -- lifecycle --
+    def close(self) -> None:
+        with self._pool_lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        with self._pool_lock:
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._closed:
+                raise RuntimeError("OpenAIClient is closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="openai-client")
+            return self._pool
+
+    # -- public --
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        requests = list(requests)
+        if not requests:
+            return []
+        try:
+            pool = self._executor()
+        except RuntimeError as e:
+            return _error_completions(len(requests), str(e), self.model)
+        return list(pool.map(self._one, requests))
+
+    # -- one request --
+    def _body(self, r: ChatRequest) -> bytes:
+        body: dict[str, Any] = {"model": self.model, "messages": list(r.messages)}
+        limit = r.max_tokens if self.max_tokens is None else min(r.max_tokens, self.max_tokens)
+        if limit:
+            body["max_tokens"] = int(limit)
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if self.top_p is not None:
+            body["top_p"] = self.top_p
+        if r.stop:
+            body["stop"] = list(r.stop)
+        body.update(self.extra_body)
+        return json.dumps(body).encode("utf-8")
+
+    def _redact(self, text: str) -> str:
+        if self._key is not None and self._key.get() in text:
+            text = text.replace(self._key.get(), "<redacted>")
+        return text
+
+    def _one(self, r: ChatRequest) -> Completion:
+        try:
+            body = self._body(r)
+        except (TypeError, ValueError) as e:
+            return Completion(text="", error=self._redact(f"request could not be encoded as JSON: {e}"),
+                              model_id=self.model)
+        attempts = self.max_retries + 1
+        last = ""
+        for attempt in range(attempts):
+            try:
+                return self._attempt(body)
+            except _FatalError as e:
+                return Completion(text="", error=self._redact(str(e)), model_id=self.model)
+            except _RetryableError as e:
+                last = str(e)
+                if attempt + 1 < attempts:
+                    time.sleep(self._delay(attempt, e.retry_after))
+            except Exception as e:  # noqa: BLE001 - never let one call raise into the rollout
+                return Completion(text="", error=self._redact(f"client error: {type(e).__name__}: {e}"),
+                                  model_id=self.model)
+        return Completion(text="", error=self._redact(f"{last} (gave up after {attempts} attempts)"),
+                          model_id=self.model)
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        b = min(self.backoff_max, self.backoff * (2 ** attempt))
+        d = b / 2 + random.uniform(0, b / 2)
+        if retry_after is not None:
+            d = max(d, min(retry_after, self.backoff_max))
+        return d
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, True
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=self.timeout)
+        self._local.conn = conn
+        with self._pool_lock:
+            self._conns.add(conn)
+        return conn, False
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+            with self._pool_lock:
+                self._conns.discard(conn)
+
+    def _exchange(self, body: bytes) -> tuple[int, http.client.HTTPMessage, bytes]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._key is not None:
+            headers["Authorization"] = "Bearer " + self._key.get()
+        for fresh_try in range(2):
+            conn, reused = self._connection()
+            try:
+                conn.request("POST", self._path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self._drop_connection()
+                if reused and fresh_try == 0:
+                    continue  # the server closed an idle keep-alive connection: resend on a new one
+                raise
+            except BaseException:
+                self._drop_connection()
+                raise
+            if resp.will_close:
+                self._drop_connection()
+            return resp.status, resp.headers, data
+        raise AssertionError("unreachable")
+
+    def _attempt(self, body: bytes) -> Completion:
+        where = f"{self.base_url}"
+        try:
+            status, headers, data = self._exchange(body)
+        except (TimeoutError, socket.timeout):
+            raise _RetryableError(f"request to {where} timed out after {self.timeout:g}s") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise _RetryableError(f"connection error talking to {where}: {type(e).__name__}: {e}") from None
+        if status >= 500 or status in _RETRY_STATUS:
+            retry_after = None
+            try:
+                retry_after = float(headers.get("Retry-After", ""))
+            except ValueError:
+                pass
+            raise _RetryableError(f"HTTP {status} from {where}: {_server_message(data)}", retry_after)
+        if not 200 <= status < 300:
+            raise _FatalError(f"HTTP {status} from {where}: {_server_message(data)}")
+        try:
+            obj = json.loads(data)
+            choice = obj["choices"][0]
+            text = choice["message"].get("content") or ""
+            if not isinstance(text, str):
+                raise TypeError(f"message.content is {type(text).__name__}")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise _FatalError(f"malformed chat completion from {where} ({type(e).__name__}: {e}): "
+                              f"{data[:200].decode('utf-8', 'replace')}") from None
+        usage = obj.get("usage") or {}
+        return Completion(text=text, tokens_in=int(usage.get("prompt_tokens") or 0),
+                          tokens_out=int(usage.get("completion_tokens") or 0),
+                          model_id=str(obj.get("model") or self.model))
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-model router
+
+class RouterClient:
+    """Sends ``memory`` requests to the memory specialist and ``gameplay``/``policy`` requests to
+    the gameplay (base) model; both sub-batches run at once and come back in request order."""
+
+    ROUTES = {ROLE_MEMORY: "memory", ROLE_GAMEPLAY: "gameplay", ROLE_POLICY: "gameplay"}
+
+    def __init__(self, memory: Client, gameplay: Client):
+        for name, c in (("memory", memory), ("gameplay", gameplay)):
+            if not callable(getattr(c, "generate", None)):
+                raise TypeError(f"RouterClient: {name} must have a generate(requests) method, "
+                                f"got {type(c).__name__}")
+        self.memory, self.gameplay = memory, gameplay
+
+    def __repr__(self) -> str:
+        return f"RouterClient(memory={self.memory!r}, gameplay={self.gameplay!r})"
+
+    @staticmethod
+    def _safe(client: Client, requests: list[ChatRequest], name: str) -> list[Completion]:
+        try:
+            outs = list(client.generate(requests))
+        except Exception as e:  # noqa: BLE001 - a broken back end fails its own sub-batch only
+            return _error_completions(len(requests), f"{name} client raised {type(e).__name__}: {e}")
+        if len(outs) != len(requests):
+            return _error_completions(len(requests), f"{name} client returned {len(outs)} completions "
+                                                     f"for {len(requests)} requests")
+        return outs
+
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        requests = list(requests)
+        out: list[Completion | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {"memory": [], "gameplay": []}
+        for i, r in enumerate(requests):
+            route = self.ROUTES.get(r.model_role)
+            if route is None:
+                out[i] = Completion(text="", error=f"unknown model_role {r.model_role!r}; expected one of "
+                                                    f"{', '.join(self.ROUTES)}")
+            else:
+                groups[route].append(i)
+        if self.memory is self.gameplay:  # one back end: keep the batch whole
+            groups = {"memory": groups["memory"] + groups["gameplay"], "gameplay": []}
+        jobs = [(name, idx) for name, idx in groups.items() if idx]
+        results: dict[str, list[Completion]] = {}
+
+        def run(name: str, idx: list[int]) -> None:
+            results[name] = self._safe(getattr(self, name), [requests[i] for i in idx], name)
+
+        threads = [threading.Thread(target=run, args=job, name=f"router-{job[0]}") for job in jobs[1:]]
+        for t in threads:
+            t.start()
+        if jobs:
+            run(*jobs[0])
+        for t in threads:
+            t.join()
+        for name, idx in jobs:
+            for i, c in zip(idx, results[name]):
+                out[i] = c
+        return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Factory
+
+def load_engine(checkpoint: str, *, max_batch: int = 16, max_len: int = 2048, seed: int = 0,
+                tokenizer: str | None = None, dtype: str | None = None, model_name: str | None = None,
+                mesh=None):
+    """An Engine from ``preset:<name>`` (random weights, offline Qwen3 tokenizer) or a local/gs://
+    Hugging Face folder (weights via ``hf.load_pretrained``; tokenizer from `tokenizer` or the folder)."""
+    if not isinstance(checkpoint, str) or not checkpoint:
+        raise ValueError(f"checkpoint must be 'preset:<name>' or a model folder, got {checkpoint!r}")
+    if not checkpoint.startswith(("preset:", "gs://")) and not os.path.isdir(checkpoint):
+        # Fail before the slow imports below.
+        raise ValueError(f"checkpoint {checkpoint!r} is not a folder (expected a Hugging Face model folder, "
+                         f"a gs:// folder, or preset:<name>)")
+    from automem_jax.llm.engine import Engine
+    kw = dict(max_batch=max_batch, max_len=max_len, mesh=mesh)
+    from automem_jax.models.tokenizer import load_tokenizer
+    if checkpoint.startswith("preset:"):
+        from automem_jax.models.qwen import init_model, preset
+        name = checkpoint[len("preset:"):]
+        model = init_model(preset(name), seed=seed, mesh=mesh)
+        return Engine(model, load_tokenizer(tokenizer), seed=seed, model_name=model_name or name, **kw)
+    from automem_jax.models import hf
+    try:
+        tok = load_tokenizer(tokenizer or checkpoint)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {checkpoint!r}: no usable tokenizer ({e}); pass a tokenizer folder") from e
+    model, _ = hf.load_pretrained(checkpoint, dtype=dtype, mesh=mesh)
+    name = model_name or checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    return Engine(model, tok, seed=seed, model_name=name, **kw)
+
+
+_SPEC_FIELDS = {
+    "engine": {"kind", "checkpoint", "max_batch", "max_len", "seed", "tokenizer", "dtype", "model_name",
+               "temperature", "top_p", "top_k", "max_tokens"},
+    "openai": {"kind", "base_url", "model", "api_key_env", "timeout", "max_retries", "backoff", "backoff_max",
+               "max_concurrency", "temperature", "top_p", "max_tokens", "extra_body"},
+    "router": {"kind", "memory", "gameplay"},
+}
+_REQUIRED = {"engine": ("checkpoint",), "openai": ("base_url", "model"), "router": ("memory", "gameplay")}
+_ENGINE_BUILD = ("max_batch", "max_len", "seed", "tokenizer", "dtype", "model_name")
+
+
+def _as_dict(spec, where: str) -> dict:
+    if hasattr(spec, "to_dict") and not isinstance(spec, Mapping):  # ml_collections ConfigDict
+        spec = spec.to_dict()
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{where}: expected a mapping with a 'kind' field, got {type(spec).__name__}")
+    return dict(spec)
+
+
+def _check_spec(spec, where: str, have_engine: bool) -> dict:
+    """Kinds, field names and required fields of a whole spec tree, before anything is built."""
+    spec = _as_dict(spec, where)
+    kind = spec.get("kind")
+    if kind not in _SPEC_FIELDS:
+        raise ValueError(f"{where}.kind must be one of {', '.join(_SPEC_FIELDS)}; got {kind!r}")
+    unknown = sorted(set(spec) - _SPEC_FIELDS[kind])
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)} for kind {kind!r}; "
+                         f"known: {', '.join(sorted(_SPEC_FIELDS[kind] - {'kind'}))}")
+    for f in _REQUIRED[kind]:
+        if spec.get(f) in (None, "") and not (kind == "engine" and have_engine):
+            raise ValueError(f"{where}.{f} is required for kind {kind!r}")
+    if kind == "router":
+        spec["memory"] = _check_spec(spec["memory"], f"{where}.memory", have_engine)
+        spec["gameplay"] = _check_spec(spec["gameplay"], f"{where}.gameplay", have_engine)
+    return spec
+
+
+def make_client(spec: Mapping[str, Any], *, engine=None, _where: str = "client") -> Client:
+    """Builds a Client from a config mapping:
+
+    ``{"kind": "engine", "checkpoint": "preset:tiny" | <hf folder>, "max_batch", "max_len", "seed",
+    "temperature", "top_p", "top_k", "max_tokens"}`` (``engine=`` reuses an already built Engine and
+    then needs no checkpoint), ``{"kind": "openai", "base_url", "model", "api_key_env", ...}`` (the
+    OpenAIClient arguments), ``{"kind": "router", "memory": <spec>, "gameplay": <spec>}``.
+    Errors name the offending field, e.g. ``client.memory.base_url``.
+    """
+    spec = _check_spec(spec, _where, engine is not None)
+    kind = spec["kind"]
+    args = {k: v for k, v in spec.items() if k != "kind"}
+
+    def wrap(fn, *a, **kw):
+        try:
+            return fn(*a, **kw)
+        except ValueError as e:  # prefix the spec path; the message already names the field
+            msg = str(e)
+            raise ValueError(f"{_where}.{msg}" if msg.split(" ", 1)[0] in args else f"{_where}: {msg}") from None
+
+    if kind == "openai":
+        return wrap(OpenAIClient, **args)
+    if kind == "router":
+        return RouterClient(memory=make_client(args["memory"], engine=engine, _where=f"{_where}.memory"),
+                            gameplay=make_client(args["gameplay"], engine=engine, _where=f"{_where}.gameplay"))
+    build = {k: args.pop(k) for k in _ENGINE_BUILD if k in args}
+    args.pop("checkpoint", None)
+    if engine is None:
+        engine = wrap(load_engine, spec["checkpoint"], **build)
+    return wrap(EngineClient, engine, **args)

@@ -1,0 +1,45 @@
+"""The original crafter behind BALROG's Crafter text."""
+import numpy as np
+import pytest
+
+from automem_jax.envs import EpisodeOverError, make
+from automem_jax.envs.crafter import CrafterTextEnv
+from tests.test_envs_craftax import BALROG_ACTIONS
+from tests.test_envs_describe import assert_crafter_text
+
+
+def test_random_run_200_steps():
+    env = make("crafter", max_steps=90)
+    assert isinstance(env, CrafterTextEnv)
+    assert env.actions == BALROG_ACTIONS and env.default_action == "Noop"
+    rng = np.random.default_rng(0)
+    obs = env.reset(seed=3)
+    assert_crafter_text(obs)
+    assert env._env._step == 1  # BALROG's reset takes one Noop step
+    episodes, steps = 1, 0
+    for t in range(200):
+        a = BALROG_ACTIONS[rng.integers(17)] if t % 7 else "jump"
+        obs, reward, terminated, truncated, info = env.step(a)
+        steps += 1
+        assert_crafter_text(obs)
+        assert info["invalid_action"] == (a == "jump") and info["action"] == ("Noop" if a == "jump" else a)
+        assert 0.0 <= env.progression() <= 1.0
+        assert env.progression() == len(info["achievements"]) / 22
+        if terminated or truncated:
+            assert truncated != terminated
+            assert truncated == (steps == 90)
+            with pytest.raises(EpisodeOverError):
+                env.step("Noop")
+            obs, episodes, steps = env.reset(seed=3 + episodes), episodes + 1, 0
+            assert env.progression() == 0.0
+    assert episodes >= 3
+
+
+def test_seed_fixes_the_world():
+    env = CrafterTextEnv()
+    a = env.reset(seed=11)
+    b = env.reset(seed=11)
+    c = env.reset(seed=12)
+    assert a.long_term == b.long_term
+    assert (a.extras["local_view"] == b.extras["local_view"]).all()
+    assert a.long_term != c.long_term

@@ -1,0 +1,289 @@
+"""The OpenAI-compatible server over the real tiny engine, spoken to by the official openai client
+and by raw HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai  # the official client as the peer (test extra: openai==3.54.0)
+import pytest
+
+from automem_jax.agent.types import ChatRequest
+from automem_jax.llm.engine import Engine, SamplingParams
+from automem_jax.llm.server import serve
+
+KEY = "test-server-key-5f1c"
+MAX_LEN = 128
+BODY_LIMIT = 64 * 1024
+HELLO = [{"role": "user", "content": "Say hello to the crafter."}]
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = Engine.from_preset("tiny", max_batch=8, max_len=MAX_LEN, seed=0)
+    # The engine's own greedy answer, computed before the server owns the engine.
+    ref = engine.generate_full([ChatRequest(HELLO, "plan", "policy")], [SamplingParams(temperature=0, max_tokens=6)])[0]
+    handle = serve(engine, api_key=KEY, max_body_bytes=BODY_LIMIT)
+    try:
+        yield handle, ref
+    finally:
+        handle.close()
+
+
+def _client(handle, key=KEY):
+    return openai.OpenAI(base_url=handle.base_url, api_key=key, max_retries=0, timeout=60)
+
+
+def _raw(handle, method, path, body=None, headers=None, key=KEY):
+    """One raw HTTP exchange; returns (status, headers, parsed JSON)."""
+    conn = http.client.HTTPConnection(handle.host, handle.port, timeout=60)
+    try:
+        h = {"Content-Type": "application/json", **(headers or {})}
+        if key:
+            h["Authorization"] = f"Bearer {key}"
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        conn.request(method, path, body=body, headers=h)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, resp.headers, json.loads(data)
+    finally:
+        conn.close()
+
+
+def _assert_error_shape(obj):
+    assert set(obj) == {"error"}
+    assert set(obj["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(obj["error"]["message"], str) and obj["error"]["message"]
+
+
+def test_chat_completion_matches_engine_greedy(served):
+    handle, ref = served
+    r = _client(handle).chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.model == "tiny"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text
+    assert r.choices[0].finish_reason == ref.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.prompt_tokens, ref.completion_tokens)
+    assert r.usage.total_tokens == ref.prompt_tokens + ref.completion_tokens
+
+
+def test_max_tokens_and_model_optional(served):
+    handle, _ = served
+    status, _, obj = _raw(handle, "POST", "/v1/chat/completions",
+                          {"messages": [{"role": "system", "content": "Be brief."}, *HELLO], "max_tokens": 2,
+                           "seed": 7})
+    assert status == 200, obj
+    assert 1 <= obj["usage"]["completion_tokens"] <= 2
+    assert obj["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_models_list(served):
+    handle, _ = served
+    models = _client(handle).models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_bad_request_via_openai_client(served):
+    handle, _ = served
+    with pytest.raises(openai.BadRequestError) as ei:
+        _client(handle).chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "hi"}],
+                                                max_tokens=4)
+    assert ei.value.status_code == 400
+    assert "messages[0].role must be one of system, user, assistant" in str(ei.value)
+    err = ei.value.response.json()["error"]
+    assert err["param"] == "messages[0].role" and err["type"] == "invalid_request_error"
+
+
+def test_wrong_or_missing_token_is_401(served):
+    handle, _ = served
+    with pytest.raises(openai.AuthenticationError) as ei:
+        _client(handle, key="not-the-key").chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+    assert ei.value.status_code == 401
+    status, headers, obj = _raw(handle, "GET", "/v1/models", key=None)
+    assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+    _assert_error_shape(obj)
+    assert obj["error"]["code"] == "invalid_api_key"
+    assert KEY not in json.dumps(obj)
+
+
+MSG = [{"role": "user", "content": "hi"}]
+BAD = [
+    (b"{not json", 400, "invalid JSON"),
+    (b"[1, 2]", 400, "must be a JSON object"),
+    ({"model": "tiny"}, 400, "'messages' must be a non-empty list"),
+    ({"model": "tiny", "messages": []}, 400, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role must be one of"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content must be a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, 400, "must be a string"),
+    ({"messages": ["hi"]}, 400, "messages[0] must be an object"),
+    ({"messages": MSG, "n": 2}, 400, "only n=1 is supported"),
+    ({"messages": MSG, "stream": True}, 400, "stream=true is not supported"),
+    ({"messages": MSG, "temperature": 2.5}, 400, "'temperature' must be >= 0 and <= 2"),
+    ({"messages": MSG, "temperature": -0.1}, 400, "'temperature' must be >= 0"),
+    ({"messages": MSG, "top_p": 0}, 400, "'top_p' must be > 0 and <= 1"),
+    ({"messages": MSG, "top_p": 1.5}, 400, "'top_p' must be > 0 and <= 1"),
+    ({"messages": MSG, "max_tokens": 0}, 400, "'max_tokens' must be >= 1"),
+    ({"messages": MSG, "max_tokens": "8"}, 400, "'max_tokens' must be an integer"),
+    ({"messages": MSG, "max_completion_tokens": -3}, 400, "'max_completion_tokens' must be >= 1"),
+    ({"messages": MSG, "stop": [""]}, 400, "'stop' must be"),
+    ({"messages": MSG, "tools": [{"type": "function"}]}, 400, "'tools' is not supported"),
+    ({"model": "gpt-4o", "messages": MSG}, 404, "The model 'gpt-4o' does not exist"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", BAD, ids=[f"{i}-{b[2][:24]}" for i, b in enumerate(BAD)])
+def test_invalid_requests_get_clear_errors(served, body, status, message):
+    handle, _ = served
+    got, _, obj = _raw(handle, "POST", "/v1/chat/completions", body)
+    assert got == status, obj
+    _assert_error_shape(obj)
+    assert message in obj["error"]["message"]
+
+
+def test_unknown_path_wrong_method_and_large_body(served):
+    handle, _ = served
+    status, _, obj = _raw(handle, "GET", "/v1/completions")
+    assert status == 404 and "unknown path" in obj["error"]["message"]
+    _assert_error_shape(obj)
+    status, headers, obj = _raw(handle, "GET", "/v1/chat/completions")
+    assert status == 405 and headers["Allow"] == "POST"
+    _assert_error_shape(obj)
+    status, headers, obj = _raw(handle, "POST", "/v1/models", {"x": 1})
+    assert status == 405 and headers["Allow"] == "GET"
+    status, _, obj = _raw(handle, "DELETE", "/v1/chat/completions")
+    assert status == 405
+    for size in (BODY_LIMIT + 10, 16 * BODY_LIMIT):  # the client reads our 413, not a reset
+        big = {"messages": [{"role": "user", "content": "x" * size}]}
+        status, headers, obj = _raw(handle, "POST", "/v1/chat/completions", big)
+        assert status == 413 and f"the limit is {BODY_LIMIT}" in obj["error"]["message"]
+        assert headers["Connection"] == "close"
+        _assert_error_shape(obj)
+
+
+def test_keep_alive_connection_survives_errors(served):
+    """A 401 (body skipped) and a 400 keep the connection usable; the next request on it succeeds."""
+    handle, _ = served
+    conn = http.client.HTTPConnection(handle.host, handle.port, timeout=60)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({"messages": MSG}),
+                     headers={"Authorization": "Bearer wrong", "Content-Type": "application/json"})
+        r0 = conn.getresponse()
+        assert r0.status == 401 and r0.headers["Connection"] is None and json.loads(r0.read())["error"]
+        hdr = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        conn.request("POST", "/v1/chat/completions", body=b"{oops", headers=hdr)
+        r1 = conn.getresponse()
+        assert r1.status == 400 and json.loads(r1.read())["error"]["code"] == "invalid_json"
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({"messages": MSG, "max_tokens": 2}),
+                     headers=hdr)
+        r2 = conn.getresponse()
+        assert r2.status == 200 and json.loads(r2.read())["usage"]["completion_tokens"] >= 1
+    finally:
+        conn.close()
+
+
+def test_32_concurrent_requests_are_batched(served):
+    """32 clients at once (plus one over-long prompt): all answered, in fewer engine calls."""
+    handle, _ = served
+    client = _client(handle)
+    before = handle.stats
+
+    def ask(i):
+        return client.chat.completions.create(model="tiny", max_tokens=4, temperature=0,
+                                              messages=[{"role": "user", "content": f"Question number {i}?"}])
+
+    def too_long():
+        try:
+            client.chat.completions.create(model="tiny", max_tokens=4,
+                                           messages=[{"role": "user", "content": "word " * (MAX_LEN * 2)}])
+        except openai.BadRequestError as e:
+            return e
+        return None
+
+    with ThreadPoolExecutor(33) as pool:
+        futs = [pool.submit(ask, i) for i in range(32)]
+        bad = pool.submit(too_long)
+        results = [f.result(timeout=120) for f in futs]
+        err = bad.result(timeout=120)
+    assert len(results) == 32
+    for r in results:
+        assert 1 <= r.usage.completion_tokens <= 4 and r.usage.prompt_tokens > 5
+        assert isinstance(r.choices[0].message.content, str)
+    assert err is not None and "prompt has" in str(err) and f"at most {MAX_LEN - 1}" in str(err)
+    after = handle.stats
+    calls = after["engine_calls"] - before["engine_calls"]
+    assert after["requests_served"] - before["requests_served"] == 33
+    assert 1 <= calls < 32, after
+    assert after["largest_batch"] > 1
+
+
+def test_serve_rejects_unset_key_variable(served):
+    handle, _ = served
+    with pytest.raises(ValueError, match="AUTOMEM_TEST_UNSET_VAR_9"):
+        serve(object(), api_key_env="AUTOMEM_TEST_UNSET_VAR_9")
+
+
+def _wait_line(proc, pattern, deadline):
+    """Reads stdout lines until one matches (bounded by `deadline`)."""
+    lines = []
+    found = threading.Event()
+    box = {}
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(pattern, line)
+            if m:
+                box["m"] = m
+                found.set()
+                return
+
+    threading.Thread(target=reader, daemon=True).start()
+    found.wait(max(0.0, deadline - time.monotonic()))
+    return box.get("m"), lines
+
+
+def test_cli_serves_and_exits_cleanly_on_sigterm(tmp_path):
+    env = dict(os.environ, AUTOMEM_TEST_SERVER_KEY="cli-key-77", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "automem_jax.llm.server", "--checkpoint", "preset:tiny", "--port", "0",
+           "--api_key_env", "AUTOMEM_TEST_SERVER_KEY", "--max_batch", "2", "--max_len", "64",
+           "--served_model_name", "tiny-cli"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp_path / "err.log", "w"), text=True, env=env)
+    try:
+        m, lines = _wait_line(proc, r"serving tiny-cli at http://127\.0\.0\.1:(\d+)/v1", time.monotonic() + 90)
+        assert m, f"server did not start: {lines} {(tmp_path / 'err.log').read_text()[-2000:]}"
+        port = int(m.group(1))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/v1/models", headers={"Authorization": "Bearer cli-key-77"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert json.loads(resp.read())["data"][0]["id"] == "tiny-cli"
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_cli_reports_bad_flags():
+    env = dict(os.environ)
+    env.pop("AUTOMEM_TEST_UNSET_VAR_9", None)
+    r = subprocess.run([sys.executable, "-m", "automem_jax.llm.server", "--checkpoint", "preset:tiny", "--port", "0",
+                        "--api_key_env", "AUTOMEM_TEST_UNSET_VAR_9"], capture_output=True, text=True, timeout=60,
+                       env=env)
+    assert r.returncode == 2 and "AUTOMEM_TEST_UNSET_VAR_9" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "automem_jax.llm.server", "--checkpoint", "/nonexistent/model/dir",
+                        "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "/nonexistent/model/dir" in r.stderr
