@@ -54,3 +54,14 @@ def test_cache_rows_are_independent():
     n2, _ = model.forward_with_cache(jnp.asarray([[3], [4]]), c2)
     n1, _ = model.forward_with_cache(jnp.asarray([[4]]), c1)
     assert np.abs(np.asarray(n2[1]) - np.asarray(n1[0])).max() < 1e-4
+
+
+def test_logits_at_selects_rows_last_token():
+    cfg = qwen.preset("tiny", vocab_size=512)
+    model = qwen.init_model(cfg, seed=0)
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 512, (2, 6)))
+    mask = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], bool)
+    full, _ = model.forward_with_cache(ids, qwen.KVCache.init(cfg, 2, 8), mask)
+    sel, cache = model.forward_with_cache(ids, qwen.KVCache.init(cfg, 2, 8), mask, logits_at=jnp.asarray([5, 2]))
+    assert sel.shape == (2, 1, 512)
+    np.testing.assert_allclose(np.asarray(sel[:, 0]), np.asarray(full[[0, 1], [5, 2]]), atol=1e-5)

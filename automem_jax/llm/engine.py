@@ -58,8 +58,15 @@ class SamplingParams:
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
 
     @property
-    def filtered(self) -> bool:
-        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1)
+    def mode(self) -> str:
+        if self.temperature <= 0:
+            return "greedy"
+        return "filtered" if (self.top_k > 0 or self.top_p < 1) else "sample"
+
+
+def _batch_mode(params) -> str:
+    modes = {p.mode for p in params}
+    return "filtered" if "filtered" in modes else "sample" if "sample" in modes else "greedy"
 
 
 @dataclasses.dataclass
@@ -108,9 +115,13 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
 _NEG = -1e30
 
 
-def _sample(logits, keys, steps, temp, top_p, top_k, filtered: bool):
-    """One token per row; temperature 0 rows are greedy."""
-    greedy = jnp.argmax(logits, axis=-1)
+def _sample(logits, keys, steps, temp, top_p, top_k, mode: str):
+    """One token per row; temperature 0 rows are greedy. `mode` (static) skips work no row needs:
+    "greedy" draws no random numbers, "sample" skips the sort that top-k / top-p need."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy
+    filtered = mode == "filtered"
     x = logits / jnp.maximum(temp, 1e-6)[:, None]
     if filtered:
         V = x.shape[-1]
@@ -202,15 +213,14 @@ class Engine:
         graphdef = self._graphdef
         S = self.max_len
 
-        def prefill(state, cache, slots, ids, mask, start, keys, steps, temp, top_p, top_k, filtered):
+        def prefill(state, cache, slots, ids, mask, start, keys, steps, temp, top_p, top_k, mode):
             model = nnx.merge(graphdef, state)
             rows = lambda a: jnp.take(a, slots, axis=1, mode="clip")  # noqa: E731
             sub = KVCache(rows(cache.k), rows(cache.v), jnp.take(cache.mask, slots, axis=0, mode="clip"),
                           start, start)
-            logits, sub = model.forward_with_cache(ids, sub, mask)
             n = mask.sum(axis=1).astype(jnp.int32)
-            last = jnp.take_along_axis(logits, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
-            tok = _sample(last, keys, steps, temp, top_p, top_k, filtered)
+            logits, sub = model.forward_with_cache(ids, sub, mask, logits_at=jnp.maximum(n - 1, 0))
+            tok = _sample(logits[:, 0], keys, steps, temp, top_p, top_k, mode)
             put = lambda full, part: full.at[:, slots].set(part, mode="drop")  # noqa: E731
             new = KVCache(put(cache.k, sub.k), put(cache.v, sub.v),
                           cache.mask.at[slots].set(sub.mask, mode="drop"),
@@ -218,13 +228,13 @@ class Engine:
                           cache.pos.at[slots].set(start + n, mode="drop"))
             return new, tok
 
-        def decode(state, cache, tokens, active, keys, steps, temp, top_p, top_k, filtered):
+        def decode(state, cache, tokens, active, keys, steps, temp, top_p, top_k, mode):
             model = nnx.merge(graphdef, state)
             # Idle rows write their garbage at the last position, past anything reusable.
             idle_index = jnp.where(active, cache.index, S - 1)
             c = cache._replace(index=idle_index, pos=jnp.where(active, cache.pos, S - 1))
             logits, c = model.forward_with_cache(tokens[:, None], c)
-            tok = _sample(logits[:, 0], keys, steps, temp, top_p, top_k, filtered)
+            tok = _sample(logits[:, 0], keys, steps, temp, top_p, top_k, mode)
             c = c._replace(index=jnp.where(active, idle_index + 1, cache.index),
                            pos=jnp.where(active, c.pos, cache.pos))
             return c, tok
@@ -371,14 +381,14 @@ class Engine:
             slot.cached = s
             self.stats.prompt_tokens += len(prompts[i])
             self.stats.cached_prompt_tokens += s
-        filtered = any(params[i].filtered for i, _, _ in chosen)
-        self._note_shape(("prefill", nb, Tb, filtered))
+        mode = _batch_mode(params[i] for i, _, _ in chosen)
+        self._note_shape(("prefill", nb, Tb, mode))
         t0 = time.perf_counter()
         with self._mesh_ctx():
             self._cache, tok = self._prefill(self._state, self._cache, jnp.asarray(slots), jnp.asarray(ids),
                                              jnp.asarray(mask), jnp.asarray(start), jnp.asarray(keys),
                                              jnp.zeros((nb,), jnp.int32), jnp.asarray(temp), jnp.asarray(top_p),
-                                             jnp.asarray(top_k), filtered)
+                                             jnp.asarray(top_k), mode)
         tok = np.asarray(tok)
         self.stats.prefill_s += time.perf_counter() - t0
         self.stats.prefill_calls += 1
@@ -393,19 +403,18 @@ class Engine:
         temp = np.zeros((B,), np.float32)
         top_p = np.ones((B,), np.float32)
         top_k = np.zeros((B,), np.int32)
-        filtered = False
         for k, s in enumerate(self.slots):
             if s.req is None:
                 continue
             keys[k], steps[k] = s.key, len(s.generated)
             temp[k], top_p[k], top_k[k] = s.params.temperature, s.params.top_p, s.params.top_k
-            filtered |= s.params.filtered
-        self._note_shape(("decode", B, filtered))
+        mode = _batch_mode(s.params for s in self.slots if s.req is not None)
+        self._note_shape(("decode", B, mode))
         t0 = time.perf_counter()
         with self._mesh_ctx():
             self._cache, tok = self._decode(self._state, self._cache, jnp.asarray(self._tokens), jnp.asarray(active),
                                             jnp.asarray(keys), jnp.asarray(steps), jnp.asarray(temp),
-                                            jnp.asarray(top_p), jnp.asarray(top_k), filtered)
+                                            jnp.asarray(top_p), jnp.asarray(top_k), mode)
         tok = np.asarray(tok)
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1

@@ -448,11 +448,13 @@ class Qwen(nnx.Module):
         x = self._run_layers(self._embed(input_ids), positions, mask, q_slots, None, None)[0]
         return self._logits(x)
 
-    def forward_with_cache(self, input_ids, cache: KVCache, attention_mask=None, positions=None):
+    def forward_with_cache(self, input_ids, cache: KVCache, attention_mask=None, positions=None, logits_at=None):
         """Appends T tokens per row at slots cache.index[b]...; returns (logits [B,T,V], new cache).
 
         Prefill: a padded batch (left or right padding) into an empty cache. Decode: T=1 per step.
         Padding tokens are written but masked out, so every row keeps its own positions.
+        `logits_at` [B] (token index per row) returns only those logits, [B, 1, V]: a prefill needs
+        the last prompt token's, and the full [B, T, vocab] tensor would dominate its cost.
         """
         B, T = input_ids.shape
         mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -466,6 +468,8 @@ class Qwen(nnx.Module):
         n_real = mask.sum(axis=1).astype(jnp.int32)
         last_pos = jnp.max(jnp.where(mask, positions, -1), axis=1) + 1
         new_cache = KVCache(k, v, kv_mask, cache.index + T, jnp.where(n_real > 0, last_pos, cache.pos))
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
         return self._logits(x), new_cache
 
     # ---- internals ----------------------------------------------------------------------------
@@ -561,9 +565,9 @@ def greedy_generate(model: Qwen, input_ids, attention_mask, max_new_tokens: int,
 
     @jax.jit
     def prefill(state, ids, mask, cache):
-        logits, cache = nnx.merge(graphdef, state).forward_with_cache(ids, cache, mask)
-        last = jnp.take_along_axis(logits, (mask.cumsum(1).argmax(1))[:, None, None], axis=1)[:, 0]
-        return jnp.argmax(last, -1).astype(jnp.int32), cache
+        last = mask.cumsum(1).argmax(1)  # index of each row's last real token
+        logits, cache = nnx.merge(graphdef, state).forward_with_cache(ids, cache, mask, logits_at=last)
+        return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
 
     @jax.jit
     def step(state, tok, cache):

@@ -1,0 +1,222 @@
+"""Trace files, per-episode results and the run summary.
+
+Layout under a run folder (local or gs://):
+
+    traces/<env>/<task>/ep_<k>.jsonl   one line per env step, flushed as written
+    traces/<env>/<task>/ep_<k>.json    the finished episode (its presence marks the episode done)
+    summary.json                       progression mean ± standard error per env/task, tokens, hygiene
+
+A trace line is `StepRecord.to_dict()` (see automem_jax.agent.memory_agent) plus `reward`, `done`,
+`progression`, `info` and `episode`. Lines are ASCII JSON (`ensure_ascii`) because model text may
+hold lone surrogates that UTF-8 cannot encode.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+
+from automem_jax import storage
+
+WRITE_OPS = ("APPEND", "WRITE", "UPSERT_MAP")
+
+
+def env_task(env_name: str) -> tuple[str, str]:
+    """('minihack', 'Corridor-R3') for 'minihack:Corridor-R3'; single-task envs name their task."""
+    if ":" in env_name:
+        env, task = env_name.split(":", 1)
+        return env, task
+    return env_name, {"craftax": "Craftax-Classic", "crafter": "crafter",
+                      "nethack": "NetHackChallenge-v0"}.get(env_name, env_name)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=True, default=str)
+
+
+class HygieneCounter:
+    """Memory hygiene of one episode, updated step by step from trace lines."""
+
+    def __init__(self):
+        self.steps = 0
+        self.ops = 0
+        self.writes = 0
+        self.redundant_writes = 0
+        self.searches = 0
+        self.empty_searches = 0
+        self.context_tokens = 0
+        self.invalid_actions = 0
+        self._files: dict[str, str] = {}
+
+    def update(self, line: dict) -> None:
+        self.steps += 1
+        self.invalid_actions += int(not line.get("action_valid", True))
+        self.context_tokens += int(line.get("tokens_in", 0))
+        files = dict(self._files)
+        for phase in ("log", "plan"):
+            for turn in (line.get(phase) or {}).get("turns", []):
+                for op in turn.get("ops", []):
+                    name, args = op.get("op", ""), op.get("args", [])
+                    if name in ("DONE", "ACTION"):
+                        continue
+                    self.ops += 1
+                    if name == "SEARCH":
+                        self.searches += 1
+                        text = op.get("text", "")
+                        self.empty_searches += int(text.startswith(("[No lines matching", "[FILE IS EMPTY")))
+                    elif name in WRITE_OPS and len(args) >= 1:
+                        self.writes += 1
+                        fname, payload = args[0], (args[1] if len(args) > 1 else "")
+                        before = files.get(fname, "")
+                        if name == "WRITE":
+                            redundant = payload.strip() == before.strip() and bool(before.strip())
+                        else:
+                            redundant = bool(payload.strip()) and payload.strip() in before
+                        self.redundant_writes += int(redundant and op.get("ok", True))
+                        if op.get("ok", True):
+                            files[fname] = payload if name == "WRITE" else before + "\n" + payload
+        self._files = dict(line.get("memory_snapshot") or files)
+
+    def as_dict(self) -> dict:
+        n = max(self.steps, 1)
+        return {
+            "ops": self.ops, "ops_per_step": self.ops / n,
+            "writes": self.writes, "redundant_writes": self.redundant_writes,
+            "redundant_write_rate": self.redundant_writes / max(self.writes, 1),
+            "searches": self.searches, "empty_searches": self.empty_searches,
+            "empty_search_rate": self.empty_searches / max(self.searches, 1),
+            "context_tokens_per_step": self.context_tokens / n,
+            "invalid_actions": self.invalid_actions, "invalid_action_rate": self.invalid_actions / n,
+        }
+
+
+class EpisodeTrace:
+    """Writes one episode's JSONL (flushed every step) and, at the end, its JSON result."""
+
+    def __init__(self, folder: str, index: int, meta: dict):
+        self.folder = folder
+        self.index = index
+        self.meta = dict(meta)
+        self.remote = storage.is_gcs(folder)
+        # gs:// cannot append: stage the JSONL locally and upload it with the finished episode.
+        local_dir = tempfile.mkdtemp(prefix="automem-trace-") if self.remote else folder
+        os.makedirs(local_dir, exist_ok=True)
+        self.local_jsonl = os.path.join(local_dir, f"ep_{index}.jsonl")
+        self._f = open(self.local_jsonl, "w", encoding="ascii")  # a restarted episode starts over
+        self.hygiene = HygieneCounter()
+        self.steps = 0
+        self.episode_return = 0.0
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.actions: Counter = Counter()
+
+    def write_step(self, line: dict) -> None:
+        self._f.write(dumps(line) + "\n")
+        self._f.flush()
+        self.steps += 1
+        self.episode_return += float(line.get("reward") or 0.0)
+        self.tokens_in += int(line.get("tokens_in", 0))
+        self.tokens_out += int(line.get("tokens_out", 0))
+        self.actions[line.get("validated_action")] += 1
+        self.hygiene.update(line)
+
+    def finish(self, progression: float, end_reason: str, extra: dict | None = None) -> dict:
+        self._f.close()
+        if self.remote:
+            storage.upload_file(self.local_jsonl, storage.join(self.folder, f"ep_{self.index}.jsonl"))
+        result = {
+            **self.meta,
+            "episode_idx": self.index,
+            "num_steps": self.steps,
+            "episode_return": self.episode_return,
+            "progression": float(progression),
+            "end_reason": end_reason,
+            "input_tokens": self.tokens_in,
+            "output_tokens": self.tokens_out,
+            "action_frequency": dict(self.actions),
+            "hygiene": self.hygiene.as_dict(),
+            **(extra or {}),
+        }
+        # Written last and atomically: its presence is what marks the episode finished.
+        storage.write_text(episode_json_path(self.folder, self.index), json.dumps(result, indent=2) + "\n")
+        return result
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+def episode_json_path(folder: str, index: int) -> str:
+    return storage.join(folder, f"ep_{index}.json")
+
+
+def load_finished(folder: str, index: int) -> dict | None:
+    path = episode_json_path(folder, index)
+    try:
+        return json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return None  # a torn write: the episode is run again
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    if n == 0:
+        return 0.0, 0.0
+    m = sum(xs) / n
+    if n == 1:
+        return m, 0.0
+    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def summarize(episodes: Iterable[dict]) -> dict:
+    """Run summary: progression mean ± standard error per env and task, tokens, hygiene."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for ep in episodes:
+        groups[(ep["env"], ep["task"])].append(ep)
+    envs: dict = {}
+    all_prog = []
+    for (env, task), eps in sorted(groups.items()):
+        prog = [e["progression"] for e in eps]
+        all_prog += prog
+        m, se = _mean_se(prog)
+        steps = sum(e["num_steps"] for e in eps)
+        hyg_keys = eps[0]["hygiene"].keys()
+        # Hygiene rates are pooled over steps, not averaged over episodes.
+        pooled = {k: sum(e["hygiene"][k] for e in eps) for k in hyg_keys
+                  if k in ("ops", "writes", "redundant_writes", "searches", "empty_searches", "invalid_actions")}
+        ctx = sum(e["hygiene"]["context_tokens_per_step"] * e["num_steps"] for e in eps)
+        entry = {
+            "episodes": len(eps),
+            "progression": m, "progression_se": se,
+            "progression_percentage": 100 * m, "standard_error": 100 * se,
+            "steps": steps, "mean_steps": steps / len(eps),
+            "input_tokens": sum(e["input_tokens"] for e in eps),
+            "output_tokens": sum(e["output_tokens"] for e in eps),
+            "invalid_action_rate": pooled["invalid_actions"] / max(steps, 1),
+            "hygiene": {
+                "redundant_writes": pooled["redundant_writes"],
+                "redundant_write_rate": pooled["redundant_writes"] / max(pooled["writes"], 1),
+                "empty_searches": pooled["empty_searches"],
+                "empty_search_rate": pooled["empty_searches"] / max(pooled["searches"], 1),
+                "ops_per_step": pooled["ops"] / max(steps, 1),
+                "context_tokens_per_step": ctx / max(steps, 1),
+            },
+            "end_reasons": dict(Counter(e["end_reason"] for e in eps)),
+            "seeds": sorted(e["seed"] for e in eps),
+        }
+        envs.setdefault(env, {})[task] = entry
+    m, se = _mean_se(all_prog)
+    return {
+        "episodes": len(all_prog),
+        "average_progress": 100 * m, "standard_error": 100 * se,
+        "input_tokens": sum(t["input_tokens"] for e in envs.values() for t in e.values()),
+        "output_tokens": sum(t["output_tokens"] for e in envs.values() for t in e.values()),
+        "environments": envs,
+    }

@@ -1,0 +1,105 @@
+"""The runner on Craftax with the tiny model: complete traces, a summary, and a clean resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from automem_jax.rollout.traces import HygieneCounter, summarize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = list(range(42, 50))
+
+
+def _cmd(run_dir):
+    return [sys.executable, "-m", "automem_jax.rollout.runner", "--env", "craftax", "--seeds", "42-49",
+            "--run_dir", run_dir, "--num_envs", "4", "--max_steps", "20", "--max_tokens", "8",
+            "--max_batch", "8", "--max_len", "2048", "--no_progress"]
+
+
+def _finished(trace_dir):
+    return sorted(f for f in os.listdir(trace_dir) if f.endswith(".json")) if os.path.isdir(trace_dir) else []
+
+
+@pytest.mark.slow
+def test_craftax_run_killed_halfway_resumes_without_loss_or_duplicates(tmp_path):
+    run_dir = str(tmp_path / "run")
+    trace_dir = os.path.join(run_dir, "traces", "craftax", "Craftax-Classic")
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(_cmd(run_dir), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 500
+    # 4 slots, 8 episodes: kill once the first wave has finished but before the second has.
+    while time.time() < deadline and len(_finished(trace_dir)) < 4 and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = _finished(trace_dir)
+    assert 4 <= len(first) < 8
+    partial = [f for f in os.listdir(trace_dir) if f.endswith(".jsonl") and f[:-1] not in first]
+    assert partial, "the second wave had started writing its traces"
+    before = {f: open(os.path.join(trace_dir, f)).read() for f in first}
+
+    r = subprocess.run(_cmd(run_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "already finished, resuming" in r.stderr
+    done = _finished(trace_dir)
+    assert done == [f"ep_{k}.json" for k in range(8)]
+    for f in first:  # finished episodes were not replayed
+        assert open(os.path.join(trace_dir, f)).read() == before[f]
+    for k, seed in enumerate(SEEDS):
+        ep = json.load(open(os.path.join(trace_dir, f"ep_{k}.json")))
+        lines = [json.loads(ln) for ln in open(os.path.join(trace_dir, f"ep_{k}.jsonl"))]
+        assert ep["seed"] == seed and ep["episode_idx"] == k
+        assert len(lines) == ep["num_steps"] == 20 and ep["end_reason"] == "max_steps"
+        assert [ln["step"] for ln in lines] == list(range(20))  # no duplicated or missing step
+        for ln in lines:
+            assert ln["seed"] == seed and ln["episode"] == k
+            assert ln["validated_action"] in ln["info"]["action"] or ln["info"]["action"] == ln["validated_action"]
+            assert ln["obs_long_term"] and "memory_snapshot" in ln and 0.0 <= ln["progression"] <= 1.0
+            assert ln["plan"]["turns"] and ln["plan"]["turns"][0]["model_role"] == "policy"
+            assert (ln["step"] == 0) == (ln["log"]["end_reason"] == "skipped")
+            assert ln["tokens_in"] > 0
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    t = summary["environments"]["craftax"]["Craftax-Classic"]
+    assert t["episodes"] == 8 and t["seeds"] == SEEDS and t["steps"] == 160
+    assert 0.0 <= t["progression"] <= 1.0 and t["progression_se"] >= 0.0
+    assert t["hygiene"]["context_tokens_per_step"] > 500
+    assert summary["input_tokens"] > 0 and summary["output_tokens"] > 0
+
+
+def test_summary_mean_and_standard_error():
+    eps = [{"env": "minihack", "task": "Corridor-R3", "seed": s, "progression": p, "num_steps": 10,
+            "input_tokens": 5, "output_tokens": 1, "end_reason": "terminated",
+            "hygiene": HygieneCounter().as_dict()} for s, p in zip(range(4), [1.0, 0.0, 1.0, 1.0])]
+    s = summarize(eps)
+    t = s["environments"]["minihack"]["Corridor-R3"]
+    assert t["progression"] == 0.75 and abs(t["progression_se"] - 0.25) < 1e-12  # sd 0.5 / sqrt(4)
+    assert s["average_progress"] == 75.0
+
+
+def test_hygiene_counts_redundant_writes_and_empty_searches():
+    h = HygieneCounter()
+    op = lambda name, *args, text="", ok=True: {"op": name, "args": list(args), "text": text, "ok": ok}  # noqa: E731
+    h.update({"action_valid": True, "tokens_in": 100, "memory_snapshot": {"notes.txt": "tree at north"},
+              "log": {"turns": [{"ops": [op("APPEND", "notes.txt", "tree at north"),
+                                         op("SEARCH", "notes.txt", "wood", text="[No lines matching 'wood']"),
+                                         op("DONE")]}]}, "plan": {"turns": []}})
+    h.update({"action_valid": False, "tokens_in": 50, "memory_snapshot": {"notes.txt": "tree at north"},
+              "log": {"turns": [{"ops": [op("WRITE", "notes.txt", "tree at north"),
+                                         op("APPEND", "notes.txt", "tree at north")]}]},
+              "plan": {"turns": [{"ops": [op("SEARCH", "notes.txt", "tree", text="tree at north")]}]}})
+    d = h.as_dict()
+    assert d["writes"] == 3 and d["redundant_writes"] == 2
+    assert d["searches"] == 2 and d["empty_searches"] == 1
+    assert d["ops_per_step"] == 2.5 and d["context_tokens_per_step"] == 75 and d["invalid_action_rate"] == 0.5
+
+
+def test_runner_cli_rejects_bad_seeds(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "automem_jax.rollout.runner", "--seeds", "a-b", "--run_dir",
+                        str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--seeds" in r.stderr
