@@ -6,6 +6,7 @@ finished phase in phases/<name>/DONE, so re-running the command resumes after th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,6 @@ _PHASES = flags.DEFINE_string("phases", None, "comma-separated subset of the con
 
 log = logging.getLogger("automem_jax")
 
-KNOWN_PHASES = ("model_smoke",)
 
 
 def _phase_done(workdir: str, name: str) -> bool:
@@ -95,7 +95,35 @@ def phase_model_smoke(cfg, workdir: str) -> dict:
     return result
 
 
-PHASES = {"model_smoke": phase_model_smoke}
+def phase_rollout_smoke(cfg, workdir: str) -> dict:
+    """A short Craftax rollout: MemoryAgents driven by the local engine, traces + summary.json."""
+    from automem_jax.llm.client import EngineClient
+    from automem_jax.llm.engine import Engine
+    from automem_jax.memory.structure import MemoryStructure
+    from automem_jax.models.tokenizer import load_tokenizer
+    from automem_jax.rollout.runner import Runner
+
+    r = cfg.rollout
+    model, mcfg, mesh = build_model(cfg)
+    engine = Engine(model, load_tokenizer(cfg.tokenizer or None), max_batch=r.max_batch, max_len=r.max_len,
+                    mesh=mesh, seed=cfg.seed, model_name=cfg.model.checkpoint or cfg.model.preset)
+    client = EngineClient(engine, max_tokens=r.max_tokens, temperature=r.temperature)
+    structure = MemoryStructure.load(r.structure) if r.structure else MemoryStructure.default(r.structure_env)
+    runner = Runner(client, structure, storage.join(workdir, "rollout_smoke"), r.env, num_envs=r.num_envs,
+                    max_steps=r.max_steps)
+    seeds = list(range(r.first_seed, r.first_seed + r.episodes))
+    summary = runner.run(seeds)
+    env = next(iter(summary["environments"].values()))
+    task = next(iter(env.values()))
+    log.info("rollout: %d episodes x %d steps, progression %.2f%% ± %.2f%%, %d compiles, %.2f agent-steps/s",
+             task["episodes"], r.max_steps, task["progression_percentage"], task["standard_error"],
+             engine.stats.compiles, runner.stats.agent_steps / max(runner.stats.wall_s, 1e-9))
+    return {"summary": storage.join(workdir, "rollout_smoke", "summary.json"),
+            "progression": task["progression"], "progression_se": task["progression_se"],
+            "engine": engine.stats.as_dict(), "runner": dataclasses.asdict(runner.stats)}
+
+
+PHASES = {"model_smoke": phase_model_smoke, "rollout_smoke": phase_rollout_smoke}
 
 
 def run(cfg, workdir: str, phases: list[str]) -> None:
@@ -125,6 +153,15 @@ def validate_config(cfg) -> None:
         else:
             qwen.QwenConfig.from_hf(cfg.model.checkpoint, **runtime)
         MeshConfig.from_any(cfg.mesh.to_dict())
+        if "rollout" in cfg:
+            from automem_jax.envs import KNOWN_ENVS
+            from automem_jax.memory.structure import MemoryStructure
+            env = cfg.rollout.env
+            if env not in KNOWN_ENVS and not env.startswith("minihack:"):
+                raise ValueError(f"rollout.env {env!r}: expected one of {', '.join(KNOWN_ENVS[:4])}, ...")
+            structure = (MemoryStructure.load(cfg.rollout.structure) if cfg.rollout.structure
+                         else MemoryStructure.default(cfg.rollout.structure_env))
+            structure.validate()
     except (ValueError, FileNotFoundError) as e:
         raise app.UsageError(f"config: {e}") from None
 
@@ -134,7 +171,7 @@ def _resolve_phases(cfg) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in names if p not in PHASES]
     if unknown:
-        raise app.UsageError(f"unknown phase(s) {unknown}; known phases: {', '.join(KNOWN_PHASES)}")
+        raise app.UsageError(f"unknown phase(s) {unknown}; known phases: {', '.join(PHASES)}")
     return names
 
 

@@ -96,11 +96,13 @@ class EngineStats:
         return dataclasses.asdict(self)
 
 
-def _buckets(limit: int, start: int) -> list[int]:
+def _buckets(limit: int, start: int, linear_from: int | None = None) -> list[int]:
+    """Powers of two from `start`; past `linear_from`, steps of `linear_from / 2` (less padding
+    waste on long prompts for a few more compiles)."""
     out, b = [], start
     while b < limit:
         out.append(b)
-        b *= 2
+        b = b * 2 if linear_from is None or b < linear_from else b + linear_from // 2
     out.append(limit)
     return out
 
@@ -183,7 +185,7 @@ class Engine:
                 eos.add(int(tid))
         self.eos_ids = eos
         self.batch_buckets = _buckets(max_batch, 1)
-        self.len_buckets = _buckets(max_len, min(min_prefill_bucket, max_len))
+        self.len_buckets = _buckets(max_len, min(min_prefill_bucket, max_len), linear_from=1024)
         self.slots = [_Slot() for _ in range(max_batch)]
         self._graphdef, self._state = nnx.split(model)
         self._cache = self._new_cache()
@@ -213,13 +215,13 @@ class Engine:
         graphdef = self._graphdef
         S = self.max_len
 
-        def prefill(state, cache, slots, ids, mask, start, keys, steps, temp, top_p, top_k, mode):
+        def prefill(state, cache, slots, ids, mask, start, keys, steps, temp, top_p, top_k, mode, kv_len):
             model = nnx.merge(graphdef, state)
             rows = lambda a: jnp.take(a, slots, axis=1, mode="clip")  # noqa: E731
             sub = KVCache(rows(cache.k), rows(cache.v), jnp.take(cache.mask, slots, axis=0, mode="clip"),
                           start, start)
             n = mask.sum(axis=1).astype(jnp.int32)
-            logits, sub = model.forward_with_cache(ids, sub, mask, logits_at=jnp.maximum(n - 1, 0))
+            logits, sub = model.forward_with_cache(ids, sub, mask, logits_at=jnp.maximum(n - 1, 0), kv_len=kv_len)
             tok = _sample(logits[:, 0], keys, steps, temp, top_p, top_k, mode)
             put = lambda full, part: full.at[:, slots].set(part, mode="drop")  # noqa: E731
             new = KVCache(put(cache.k, sub.k), put(cache.v, sub.v),
@@ -228,19 +230,19 @@ class Engine:
                           cache.pos.at[slots].set(start + n, mode="drop"))
             return new, tok
 
-        def decode(state, cache, tokens, active, keys, steps, temp, top_p, top_k, mode):
+        def decode(state, cache, tokens, active, keys, steps, temp, top_p, top_k, mode, kv_len):
             model = nnx.merge(graphdef, state)
             # Idle rows write their garbage at the last position, past anything reusable.
             idle_index = jnp.where(active, cache.index, S - 1)
             c = cache._replace(index=idle_index, pos=jnp.where(active, cache.pos, S - 1))
-            logits, c = model.forward_with_cache(tokens[:, None], c)
+            logits, c = model.forward_with_cache(tokens[:, None], c, kv_len=kv_len)
             tok = _sample(logits[:, 0], keys, steps, temp, top_p, top_k, mode)
             c = c._replace(index=jnp.where(active, idle_index + 1, cache.index),
                            pos=jnp.where(active, c.pos, cache.pos))
             return c, tok
 
-        self._prefill = jax.jit(prefill, static_argnums=(11,), donate_argnums=(1,))
-        self._decode = jax.jit(decode, static_argnums=(9,), donate_argnums=(1,))
+        self._prefill = jax.jit(prefill, static_argnums=(11, 12), donate_argnums=(1,))
+        self._decode = jax.jit(decode, static_argnums=(9, 10), donate_argnums=(1,))
 
     def _mesh_ctx(self):
         import contextlib
@@ -382,13 +384,15 @@ class Engine:
             self.stats.prompt_tokens += len(prompts[i])
             self.stats.cached_prompt_tokens += s
         mode = _batch_mode(params[i] for i, _, _ in chosen)
-        self._note_shape(("prefill", nb, Tb, mode))
+        # Attend only over slots some admitted row reaches (bucketed: a bounded number of shapes).
+        kv_len = _bucket(max(s for _, _, s in chosen) + Tb, self.len_buckets)
+        self._note_shape(("prefill", nb, Tb, mode, kv_len))
         t0 = time.perf_counter()
         with self._mesh_ctx():
             self._cache, tok = self._prefill(self._state, self._cache, jnp.asarray(slots), jnp.asarray(ids),
                                              jnp.asarray(mask), jnp.asarray(start), jnp.asarray(keys),
                                              jnp.zeros((nb,), jnp.int32), jnp.asarray(temp), jnp.asarray(top_p),
-                                             jnp.asarray(top_k), mode)
+                                             jnp.asarray(top_k), mode, kv_len)
         tok = np.asarray(tok)
         self.stats.prefill_s += time.perf_counter() - t0
         self.stats.prefill_calls += 1
@@ -409,12 +413,14 @@ class Engine:
             keys[k], steps[k] = s.key, len(s.generated)
             temp[k], top_p[k], top_k[k] = s.params.temperature, s.params.top_p, s.params.top_k
         mode = _batch_mode(s.params for s in self.slots if s.req is not None)
-        self._note_shape(("decode", B, mode))
+        # The longest busy row (prompt + generated so far) bounds the slots worth attending to.
+        kv_len = _bucket(max(len(s.tokens) for s in self.slots if s.req is not None), self.len_buckets)
+        self._note_shape(("decode", B, mode, kv_len))
         t0 = time.perf_counter()
         with self._mesh_ctx():
             self._cache, tok = self._decode(self._state, self._cache, jnp.asarray(self._tokens), jnp.asarray(active),
                                             jnp.asarray(keys), jnp.asarray(steps), jnp.asarray(temp),
-                                            jnp.asarray(top_p), jnp.asarray(top_k), mode)
+                                            jnp.asarray(top_p), jnp.asarray(top_k), mode, kv_len)
         tok = np.asarray(tok)
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1

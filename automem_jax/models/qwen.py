@@ -336,7 +336,9 @@ class Attention(nnx.Module):
             upd = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
             ck = upd(ck, k.astype(ck.dtype), write_index)
             cv = upd(cv, v.astype(cv.dtype), write_index)
-            keys, values, new_kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
+            # Attend over the first kv_mask.shape[1] slots only (see forward_with_cache's kv_len).
+            S = kv_mask.shape[1]
+            keys, values, new_kv = ck[:, :S].astype(q.dtype), cv[:, :S].astype(q.dtype), (ck, cv)
         else:
             keys, values, new_kv = k, v, None
 
@@ -448,13 +450,16 @@ class Qwen(nnx.Module):
         x = self._run_layers(self._embed(input_ids), positions, mask, q_slots, None, None)[0]
         return self._logits(x)
 
-    def forward_with_cache(self, input_ids, cache: KVCache, attention_mask=None, positions=None, logits_at=None):
+    def forward_with_cache(self, input_ids, cache: KVCache, attention_mask=None, positions=None, logits_at=None,
+                           kv_len: int | None = None):
         """Appends T tokens per row at slots cache.index[b]...; returns (logits [B,T,V], new cache).
 
         Prefill: a padded batch (left or right padding) into an empty cache. Decode: T=1 per step.
         Padding tokens are written but masked out, so every row keeps its own positions.
         `logits_at` [B] (token index per row) returns only those logits, [B, 1, V]: a prefill needs
         the last prompt token's, and the full [B, T, vocab] tensor would dominate its cost.
+        `kv_len` (static) limits attention to the first kv_len cache slots; the caller guarantees
+        every row's tokens end before it (index + T <= kv_len), which saves the work of empty slots.
         """
         B, T = input_ids.shape
         mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -463,7 +468,8 @@ class Qwen(nnx.Module):
         q_slots = cache.index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         upd = jax.vmap(lambda m, new, i: jax.lax.dynamic_update_slice_in_dim(m, new, i, axis=0))
         kv_mask = upd(cache.mask, mask, cache.index)
-        x, k, v = self._run_layers(self._embed(input_ids), positions, kv_mask, q_slots, (cache.k, cache.v),
+        attn_mask = kv_mask if kv_len is None else kv_mask[:, :kv_len]
+        x, k, v = self._run_layers(self._embed(input_ids), positions, attn_mask, q_slots, (cache.k, cache.v),
                                    cache.index)
         n_real = mask.sum(axis=1).astype(jnp.int32)
         last_pos = jnp.max(jnp.where(mask, positions, -1), axis=1) + 1
