@@ -18,18 +18,12 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _pair import add_model_args, model_pair  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv_heads", type=int, default=4)
-    ap.add_argument("--mlp", type=int, default=1536)
-    ap.add_argument("--vocab", type=int, default=151936)
+    add_model_args(ap)
     ap.add_argument("--prompt_len", type=int, default=64)
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,16")
@@ -39,21 +33,12 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, Qwen3Config
 
     from automem_jax.llm.engine import Engine, SamplingParams
-    from automem_jax.models import hf
     from automem_jax.models.tokenizer import load_tokenizer
 
-    torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                      head_dim=args.hidden // args.heads, tie_word_embeddings=True, max_position_embeddings=4096,
-                      initializer_range=0.2)
-    ref = AutoModelForCausalLM.from_config(cfg).float().eval()
-    with tempfile.TemporaryDirectory() as d:
-        ref.save_pretrained(d)
-        model, _ = hf.load_pretrained(d)
+    # A large init scale keeps greedy outputs varied, so the token comparison means something.
+    ref, model = model_pair(args, initializer_range=0.2)
     tok = load_tokenizer()
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     max_len = args.prompt_len + args.new_tokens + 8
@@ -62,7 +47,7 @@ def main() -> None:
     print(f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens, greedy, float32, CPU (torch {torch.get_num_threads()} threads)")
     for B in batches:
-        prompts = [rng.randint(1000, 100000, args.prompt_len).tolist() for _ in range(B)]
+        prompts = [rng.randint(0, min(args.vocab, 100000), args.prompt_len).tolist() for _ in range(B)]
         eng = Engine(model, tok, max_batch=B, max_len=max_len, prefix_reuse=False)
         eng.eos_ids = set()  # fixed-length outputs on both sides
         params = [SamplingParams(temperature=0, max_tokens=args.new_tokens)] * B

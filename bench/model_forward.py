@@ -13,22 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
-import tempfile
 import time
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _pair import add_model_args, model_pair  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv_heads", type=int, default=4)
-    ap.add_argument("--mlp", type=int, default=1536)
-    ap.add_argument("--vocab", type=int, default=151936, help="default: the Qwen3 vocabulary")
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -41,22 +33,10 @@ def main() -> None:
     import numpy as np
     import torch
     from flax import nnx
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    from automem_jax.models import hf
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    hf_cfg = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
-                         tie_word_embeddings=True, max_position_embeddings=4096)
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    ref = AutoModelForCausalLM.from_config(hf_cfg).to(tdtype).eval()
-    with tempfile.TemporaryDirectory() as d:
-        ref.save_pretrained(d)
-        model, cfg = hf.load_pretrained(d, dtype=args.dtype)
+    ref, model = model_pair(args, args.dtype)
 
     rng = np.random.RandomState(0)
     ids_np = rng.randint(0, args.vocab, (args.batch, args.seq))
