@@ -65,3 +65,28 @@ def test_logits_at_selects_rows_last_token():
     sel, cache = model.forward_with_cache(ids, qwen.KVCache.init(cfg, 2, 8), mask, logits_at=jnp.asarray([5, 2]))
     assert sel.shape == (2, 1, 512)
     np.testing.assert_allclose(np.asarray(sel[:, 0]), np.asarray(full[[0, 1], [5, 2]]), atol=1e-5)
+
+
+def test_causal_block_attention_equals_one_block(chunk=4):
+    """Block-skipping attention (queries in blocks, keys cut at each block's reach) changes nothing."""
+    base = qwen.preset("tiny", vocab_size=512, attn_chunk=0)
+    one = qwen.init_model(base, seed=2)
+    blocked = qwen.init_model(base.replace(attn_chunk=chunk), seed=2)
+    rng = np.random.RandomState(0)
+    ids = jnp.asarray(rng.randint(0, 512, (2, 13)))
+    mask = np.ones((2, 13), bool)
+    mask[1, :4] = False
+    mask = jnp.asarray(mask)
+    real = np.asarray(mask)  # padding queries see no key at all; their output is meaningless
+    fwd = jax.jit(lambda m, i, k: m(i, k))
+    np.testing.assert_allclose(np.asarray(fwd(blocked, ids, mask))[real], np.asarray(fwd(one, ids, mask))[real],
+                               atol=1e-5)
+    # Prefill into a cache that already holds a prefix (start > 0) with a kv_len cut.
+    c1, c2 = qwen.KVCache.init(base, 2, 40), qwen.KVCache.init(base, 2, 40)
+    pre = jax.jit(lambda m, i, c: m.forward_with_cache(i, c))
+    fill = jax.jit(lambda m, i, c, k: m.forward_with_cache(i, c, k, kv_len=24))
+    _, c1 = pre(one, ids[:, :6], c1)
+    _, c2 = pre(blocked, ids[:, :6], c2)
+    a, _ = fill(one, ids, c1, mask)
+    b, _ = fill(blocked, ids, c2, mask)
+    np.testing.assert_allclose(np.asarray(b)[np.asarray(mask)], np.asarray(a)[np.asarray(mask)], atol=1e-5)

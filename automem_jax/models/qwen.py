@@ -62,6 +62,7 @@ class QwenConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     scan_layers: bool = False  # one scanned layer body: compile time flat in depth
     remat: str = "none"  # none | full | save_dots (recompute all but matmul outputs)
+    attn_chunk: int = 512  # query block size of causal block-skipping attention; 0 = one block
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -343,20 +344,38 @@ class Attention(nnx.Module):
             keys, values, new_kv = k, v, None
 
         B, T, Qh, D = q.shape
-        Kh = keys.shape[2]
-        qg = q.reshape(B, T, Kh, Qh // Kh, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
-        scores = scores * (D ** -0.5)
         S = keys.shape[1]
-        visible = (jnp.arange(S)[None, None, :] <= q_slots[:, :, None]) & kv_mask[:, None, :]
-        scores = jnp.where(visible[:, None, None, :, :], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(B, T, Qh, D)
+        C = cfg.attn_chunk
+        if not C or T <= C:
+            out = _attend(q, keys, values, kv_mask, q_slots)
+        else:
+            # Causal blocks: query block i never sees past its last slot, which is at most
+            # S - T + (i+1)*C (every row's writes end by slot S). Skipping those keys halves the work
+            # and bounds the score tensor at [B, heads, C, S].
+            outs = []
+            for lo in range(0, T, C):
+                hi = min(lo + C, T)
+                kv_hi = S - T + hi
+                outs.append(_attend(q[:, lo:hi], keys[:, :kv_hi], values[:, :kv_hi], kv_mask[:, :kv_hi],
+                                    q_slots[:, lo:hi]))
+            out = jnp.concatenate(outs, axis=1)
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
         y = jnp.einsum("btnd,ndh->bth", out, self.o_kernel[...].astype(out.dtype))
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(y.dtype)
         return constrain(y, ("batch", "length", "act_embed")), new_kv
+
+
+def _attend(q, keys, values, kv_mask, q_slots):
+    """Softmax attention with GQA; key slot s is visible to a query at slot q iff s <= q and kv_mask."""
+    B, T, Qh, D = q.shape
+    S, Kh = keys.shape[1], keys.shape[2]
+    qg = q.reshape(B, T, Kh, Qh // Kh, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32) * (D ** -0.5)
+    visible = (jnp.arange(S)[None, None, :] <= q_slots[:, :, None]) & kv_mask[:, None, :]
+    scores = jnp.where(visible[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(B, T, Qh, D)
 
 
 class MLP(nnx.Module):
