@@ -70,6 +70,7 @@ def test_craftax_run_killed_halfway_resumes_without_loss_or_duplicates(tmp_path)
     assert 0.0 <= t["progression"] <= 1.0 and t["progression_se"] >= 0.0
     assert t["hygiene"]["context_tokens_per_step"] > 500
     assert summary["input_tokens"] > 0 and summary["output_tokens"] > 0
+    assert summary["run"]["engine"]["compiles"] >= 2  # how many shapes the resumed run compiled
 
 
 def test_summary_mean_and_standard_error():

@@ -21,7 +21,7 @@ from automem_jax import storage
 from automem_jax.agent.memory_agent import MemoryAgent
 from automem_jax.agent.types import Completion
 from automem_jax.memory.structure import MemoryStructure
-from automem_jax.rollout.traces import EpisodeTrace, env_task, load_finished, summarize
+from automem_jax.rollout.traces import EpisodeTrace, dumps_pretty, env_task, load_finished, summarize
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,10 @@ class Runner:
         summary["run"] = {"env": self.env_name, "seeds": seeds, "max_steps": self.max_steps,
                           "structure": self.structure.label, "two_model": self.two_model,
                           **dataclasses.asdict(self.stats)}
-        storage.write_text(storage.join(self.run_dir, "summary.json"), _json(summary))
+        engine = getattr(self.client, "engine", None)
+        if hasattr(engine, "stats"):  # a local engine: report its compiles and token counts too
+            summary["run"]["engine"] = engine.stats.as_dict()
+        storage.write_text(storage.join(self.run_dir, "summary.json"), dumps_pretty(summary))
         return summary
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -205,24 +208,9 @@ def _jsonable(info: dict) -> dict:
     return out
 
 
-def _json(obj) -> str:
-    import json
-    return json.dumps(obj, indent=2, ensure_ascii=True, default=str) + "\n"
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True, disable=not enabled)
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,10 @@ def dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=True, default=str)
 
 
+def dumps_pretty(obj) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=True, default=str) + "\n"
+
+
 class HygieneCounter:
     """Memory hygiene of one episode, updated step by step from trace lines."""
 
@@ -142,7 +146,7 @@ class EpisodeTrace:
             **(extra or {}),
         }
         # Written last and atomically: its presence is what marks the episode finished.
-        storage.write_text(episode_json_path(self.folder, self.index), json.dumps(result, indent=2) + "\n")
+        storage.write_text(episode_json_path(self.folder, self.index), dumps_pretty(result))
         return result
 
     def abort(self) -> None:
