@@ -54,13 +54,14 @@ def build_model(cfg):
 
 
 def phase_model_smoke(cfg, workdir: str) -> dict:
-    """Policy + tokenizer + HF round trip + greedy generation with the KV cache."""
+    """Policy + tokenizer + HF round trip + greedy generation through the engine."""
     import jax
     import numpy as np
     from flax import nnx
 
+    from automem_jax.agent.types import ChatRequest
+    from automem_jax.llm.engine import Engine, SamplingParams
     from automem_jax.models import hf
-    from automem_jax.models.qwen import greedy_generate
     from automem_jax.models.tokenizer import apply_chat_template, load_tokenizer
 
     t0 = time.perf_counter()
@@ -81,16 +82,18 @@ def phase_model_smoke(cfg, workdir: str) -> dict:
             raise RuntimeError(f"export round trip changed the parameters ({out})")
         log.info("exported to %s and re-imported: parameters identical", out)
         result["export"] = out
-    ids = apply_chat_template(tok, [{"role": "user", "content": cfg.smoke.prompt}])
+    request = ChatRequest([{"role": "user", "content": cfg.smoke.prompt}], phase="chat", model_role="policy")
+    max_len = len(apply_chat_template(tok, request.messages)) + cfg.smoke.max_new_tokens + 1
+    engine = Engine(model, tok, max_batch=1, max_len=max_len, mesh=mesh, seed=cfg.seed)
     t1 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        new = greedy_generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), cfg.smoke.max_new_tokens)
-    new = np.asarray(new[0]).tolist()
+    out = engine.generate_full([request], SamplingParams(temperature=0, max_tokens=cfg.smoke.max_new_tokens))[0]
+    if out.error:
+        raise RuntimeError(f"smoke generation failed: {out.error}")
     gen_s = time.perf_counter() - t1
-    text = tok.decode(new, skip_special_tokens=False)
-    log.info("prompt: %d tokens; generated %d tokens in %.2f s (compile included): %r", len(ids), len(new), gen_s,
+    ids, new, text = out.prompt_tokens, out.token_ids, out.text
+    log.info("prompt: %d tokens; generated %d tokens in %.2f s (compile included): %r", ids, len(new), gen_s,
              text)
-    result.update(prompt_tokens=len(ids), generated=new, text=text, generate_s=gen_s,
+    result.update(prompt_tokens=ids, generated=new, finish_reason=out.finish_reason, text=text, generate_s=gen_s,
                   total_s=time.perf_counter() - t0)
     return result
 

@@ -20,7 +20,9 @@ def test_tiny_main_job_runs_and_resumes(tmp_path):
              "--config.rollout.num_envs=2", "--config.rollout.max_steps=2", "--config.rollout.max_tokens=4")
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(open(os.path.join(wd, "phases", "model_smoke", "result.json")).read())
-    assert len(res["generated"]) == 5 and res["parameters"] == 19_841_792
+    assert res["parameters"] == 19_841_792 and res["prompt_tokens"] > 0
+    # Greedy through the engine: 5 tokens, or fewer if the random model emitted EOS.
+    assert len(res["generated"]) == 5 if res["finish_reason"] == "length" else res["finish_reason"] == "stop"
     assert os.path.exists(os.path.join(wd, "export", "hf", "model.safetensors"))
     cfg = json.loads(open(os.path.join(wd, "config.json")).read())
     assert cfg["smoke"]["max_new_tokens"] == 5

@@ -468,9 +468,3 @@ class Engine:
         """Forgets every slot's tokens (e.g. after the model's weights change)."""
         for s in self.slots:
             s.tokens = []
-
-    def update_weights(self, model: Qwen) -> None:
-        """Swaps in new weights of the same architecture and drops now-stale prefixes."""
-        _, self._state = nnx.split(model)
-        self.model = model
-        self.reset_cache()

@@ -578,45 +578,6 @@ def init_model(cfg: QwenConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = 
     return nnx.merge(graphdef, state)
 
 
-def greedy_generate(model: Qwen, input_ids, attention_mask, max_new_tokens: int, eos_id: int | None = None):
-    """Greedy decoding with the KV cache: one jitted prefill, then jitted one-token steps.
-
-    Returns new token ids [B, max_new_tokens] (rows that hit `eos_id` are padded with it). A plain
-    reference path; batched serving with sampling and stop strings lives in `automem_jax.llm.engine`.
-    """
-    graphdef, state = nnx.split(model)
-    B, T = input_ids.shape
-    cache = KVCache.init(model.cfg, B, T + max_new_tokens)
-
-    @jax.jit
-    def prefill(state, ids, mask, cache):
-        last = mask.cumsum(1).argmax(1)  # index of each row's last real token
-        logits, cache = nnx.merge(graphdef, state).forward_with_cache(ids, cache, mask, logits_at=last)
-        return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
-
-    @jax.jit
-    def step(state, tok, cache):
-        logits, cache = nnx.merge(graphdef, state).forward_with_cache(tok[:, None], cache)
-        return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
-
-    tok, cache = prefill(state, jnp.asarray(input_ids), jnp.asarray(attention_mask, bool), cache)
-    out = [tok]
-    done = jnp.zeros((B,), bool) if eos_id is None else tok == eos_id
-    for _ in range(max_new_tokens - 1):
-        tok, cache = step(state, tok, cache)
-        if eos_id is not None:
-            tok = jnp.where(done, eos_id, tok)
-            done = done | (tok == eos_id)
-            if bool(done.all()):
-                out.append(tok)
-                break
-        out.append(tok)
-    ids = jnp.stack(out, axis=1)
-    if ids.shape[1] < max_new_tokens:
-        ids = jnp.pad(ids, ((0, 0), (0, max_new_tokens - ids.shape[1])), constant_values=eos_id)
-    return ids
-
-
 # --------------------------------------------------------------------------------------------
 # CLI: python -m automem_jax.models.qwen --preset qwen2.5-32b --describe --mesh fsdp=64
 # --------------------------------------------------------------------------------------------

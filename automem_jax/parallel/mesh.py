@@ -210,23 +210,13 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | N
     return PartitionSpec(*spec)
 
 
-def _mesh_shape(mesh) -> dict[str, int]:
-    return dict(mesh.shape)
-
-
 def named_sharding(mesh: Mesh, names, shape=None, rules: Rules | None = None) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(names, shape, _mesh_shape(mesh), rules))
+    return NamedSharding(mesh, logical_to_spec(names, shape, dict(mesh.shape), rules))
 
 
 def _is_variable(x) -> bool:
     from flax import nnx
     return isinstance(x, nnx.Variable)
-
-
-def logical_axes_of(tree):
-    """Pytree of logical-name tuples (or None) matching an NNX state's Variables."""
-    return jax.tree.map(lambda v: v.get_metadata().get("logical_axes") if _is_variable(v) else None,
-                        tree, is_leaf=_is_variable)
 
 
 def state_shardings(state, mesh: Mesh, rules: Rules | None = None):
