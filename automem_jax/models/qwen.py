@@ -465,9 +465,25 @@ class Qwen(nnx.Module):
         mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         if positions is None:
             positions = default_positions(mask)
+        return self._logits(self.hidden_states(input_ids, mask, positions), normed=True)
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None):
+        """Final-norm hidden states [B, T, H] in the compute dtype, without the vocab projection.
+
+        Training projects only the target positions (`logits_from_hidden`): at a 16k cutoff the
+        full [B, T, vocab] float32 tensor would be ~10 GB per sequence.
+        """
+        B, T = input_ids.shape
+        mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        if positions is None:
+            positions = default_positions(mask)
         q_slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x = self._run_layers(self._embed(input_ids), positions, mask, q_slots, None, None)[0]
-        return self._logits(x)
+        return self.norm(x)
+
+    def logits_from_hidden(self, h):
+        """float32 logits [..., V] for normed hidden states [B, K, H] from `hidden_states`."""
+        return self._logits(h, normed=True)
 
     def forward_with_cache(self, input_ids, cache: KVCache, attention_mask=None, positions=None, logits_at=None,
                            kv_len: int | None = None):
@@ -505,8 +521,9 @@ class Qwen(nnx.Module):
         x = jnp.take(table, ids, axis=0).astype(self.cfg.compute_dtype)
         return constrain(x, ("batch", "length", "act_embed"))
 
-    def _logits(self, x):
-        x = self.norm(x)
+    def _logits(self, x, normed: bool = False):
+        if not normed:
+            x = self.norm(x)
         if self.cfg.tie_word_embeddings:
             logits = jnp.einsum("bth,vh->btv", x, self.embed_tokens[...].astype(x.dtype),
                                 preferred_element_type=jnp.float32)
