@@ -175,3 +175,16 @@ def local_dir_for_writing(path: str) -> Iterator[str]:
         copy_tree(tmpdir, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def configure_tensorstore() -> None:
+    """Point tensorstore (orbax's array I/O) at the same GCS endpoint as google-cloud-storage.
+
+    Only matters with `STORAGE_EMULATOR_HOST` (tests, local emulators): tensorstore reads its own
+    variables and would otherwise look for real credentials. Call before each orbax operation,
+    since the emulator's address can change between runs in one process.
+    """
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if host:
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = host if host.startswith("http") else f"http://{host}"
+        os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "emulator"

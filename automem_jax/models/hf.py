@@ -7,6 +7,7 @@ safetensors + index that `transformers.AutoModelForCausalLM.from_pretrained` loa
 
     model, config = load_pretrained(path, dtype="bfloat16", mesh=None)
     save_pretrained(model, config, out_dir, tokenizer=None)
+    save_peft_adapter(model, config, lora_config, out_dir)   # PEFT LoRA folder; load_peft_adapter reads one
     python -m automem_jax.models.hf {import,export,inspect} ...
 """
 
@@ -262,6 +263,10 @@ def save_pretrained(model: Qwen, config: QwenConfig | None, out_dir: str, tokeni
     from safetensors.numpy import save_file
 
     cfg = config or model.cfg
+    if jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
+        # Writing only the base kernels would silently drop the fine-tuning.
+        raise ValueError("save_pretrained: the model has LoRA adapters; export lora.merge_lora(model), "
+                         "or the base model plus save_peft_adapter(...)")
     out_dtype = jnp.dtype(dtype or cfg.param_dtype)
     if out_dtype.name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"export dtype {out_dtype.name!r}: expected float32, bfloat16 or float16")
@@ -331,6 +336,163 @@ def _write_json(path: str, obj) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# PEFT adapters
+# --------------------------------------------------------------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+# PEFT's saved keys: the PeftModel prefix, no adapter name (peft strips "default" when saving).
+_PEFT_KEY = "base_model.model.model.layers.{i}.{module}.lora_{ab}.weight"
+
+
+def _peft_key(i: int, name: str, ab: str) -> str:
+    from automem_jax.models.lora import HF_MODULES, PROJECTIONS
+    return _PEFT_KEY.format(i=i, module=f"{PROJECTIONS[name][0]}.{HF_MODULES[name]}", ab=ab)
+
+
+def save_peft_adapter(model: Qwen, config: QwenConfig | None, lcfg, out_dir: str, base_model_name_or_path: str = "",
+                      *, dtype: str | None = None) -> list[str]:
+    """Writes the model's LoRA adapters as a PEFT folder (adapter_config.json + adapter_model.safetensors)
+    that `peft.PeftModel.from_pretrained(base, out_dir)` loads on top of the exported base model.
+    Local or gs://. Returns the file names written."""
+    from safetensors.numpy import save_file
+
+    from automem_jax.models import lora
+    cfg = config or model.cfg
+    have = lora.lora_modules(model)
+    if not have:
+        raise ValueError("save_peft_adapter: the model has no LoRA adapters (lora.apply_lora first)")
+    if tuple(have) != lcfg.modules:
+        raise ValueError(f"save_peft_adapter: LoRAConfig.targets selects {list(lcfg.modules)} but the model's "
+                         f"adapters are on {list(have)}")
+    if not math.isclose(lora.lora_scale(model), lcfg.scale):
+        raise ValueError(f"save_peft_adapter: LoRAConfig alpha/rank = {lcfg.scale} but the model's adapters "
+                         f"use {lora.lora_scale(model)}")
+    out_dtype = jnp.dtype(dtype or lcfg.param_dtype)
+    if out_dtype.name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"adapter dtype {out_dtype.name!r}: expected float32, bfloat16 or float16")
+    tensors = {}
+    r = lcfg.rank
+    for (i, name), (a, b) in sorted(lora.adapter_arrays(model).items()):
+        if a.shape[-1] != r:
+            raise ValueError(f"save_peft_adapter: LoRAConfig.rank is {r} but layer {i} {name} has rank {a.shape[-1]}")
+        # ours A [*in, r], B [r, *out] -> PEFT lora_A.weight [r, in], lora_B.weight [out, r] (torch Linear layout)
+        tensors[_peft_key(i, name, "A")] = np.ascontiguousarray(_gather(a).astype(out_dtype).reshape(-1, r).T)
+        tensors[_peft_key(i, name, "B")] = np.ascontiguousarray(_gather(b).astype(out_dtype).reshape(r, -1).T)
+    alpha = lcfg.alpha
+    adapter_cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or None,
+        "r": r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
+        "lora_dropout": float(lcfg.dropout),
+        "target_modules": sorted(lora.HF_MODULES[n] for n in have),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+    if cfg.num_layers != len({i for i, _ in lora.adapter_arrays(model)}):
+        raise ValueError(f"save_peft_adapter: config has {cfg.num_layers} layers but the model's adapters cover "
+                         f"{len({i for i, _ in lora.adapter_arrays(model)})}")
+    if jax.process_index() != 0:  # every host joined the gathers above; one writes
+        return []
+    with storage.local_dir_for_writing(out_dir) as local:
+        save_file(tensors, os.path.join(local, ADAPTER_FILE), metadata={"format": "pt"})
+        _write_json(os.path.join(local, ADAPTER_CONFIG), adapter_cfg)
+    return [ADAPTER_FILE, ADAPTER_CONFIG]
+
+
+def load_peft_adapter(model: Qwen, path: str, *, mesh: jax.sharding.Mesh | None = None, rules=None):
+    """Reads a PEFT LoRA folder (local or gs://) into the model: adds adapters if it has none, else
+    overwrites adapters of the same rank and targets. Returns (model, LoRAConfig)."""
+    from safetensors import safe_open
+
+    from automem_jax.models import lora
+    cfg_path = storage.join(str(path), ADAPTER_CONFIG)
+    try:
+        d = json.loads(storage.read_text(cfg_path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no {ADAPTER_CONFIG}; expected a PEFT adapter folder") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if d.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {d.get('peft_type')!r}; only LORA adapters are supported")
+    # Options that change the math or the layout; absent / null / empty means PEFT's plain LoRA.
+    plain = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
+             "modules_to_save": None, "layers_to_transform": None, "rank_pattern": None, "alpha_pattern": None}
+    for field, ok in plain.items():
+        v = d.get(field)
+        if v not in (None, ok, [], {}):
+            raise ValueError(f"{cfg_path}: {field}={v!r} is not supported (expected {ok!r})")
+    targets = d.get("target_modules")
+    if targets is None:
+        raise ValueError(f"{cfg_path}: missing target_modules")
+    try:
+        lcfg = lora.LoRAConfig(rank=int(d.get("r", 8)), alpha=float(d.get("lora_alpha", 8)),
+                               dropout=float(d.get("lora_dropout", 0.0)),
+                               targets=targets if isinstance(targets, str) else tuple(targets))
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
+    cfg, r = model.cfg, lcfg.rank
+    if lora.has_lora(model):
+        have = lora.lora_modules(model)
+        rank = next(iter(lora.adapter_arrays(model).values()))[0].shape[-1]
+        if have != lcfg.modules or rank != r:
+            raise ValueError(f"{path}: adapter (r={r}, targets {list(lcfg.modules)}) does not fit the model's "
+                             f"adapters (r={rank}, targets {list(have)})")
+    # Read and check every tensor before touching the model: a bad folder leaves it as it was.
+    values = {}
+    with storage.local_file(storage.join(str(path), ADAPTER_FILE)) as local, \
+            safe_open(local, framework="numpy") as f:
+        available = set(f.keys())
+        wanted = {_peft_key(i, n, ab) for i in range(cfg.num_layers) for n in lcfg.modules for ab in "AB"}
+        missing = sorted(wanted - available)
+        if missing:
+            raise ValueError(f"{path}: missing adapter tensor(s) {missing[:3]}"
+                             f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}")
+        extra = sorted(available - wanted)
+        if extra:
+            raise ValueError(f"{path}: unexpected tensor(s) {extra[:3]} for a {cfg.num_layers}-layer "
+                             f"{cfg.arch} model with targets {list(lcfg.modules)}")
+        for i, layer in lora.decoder_layers(model):
+            for name in lcfg.modules:
+                sub, n_in = lora.PROJECTIONS[name]
+                kernel = getattr(getattr(layer, sub), f"{name}_kernel")
+                (a_shape, _), (b_shape, _), _ = lora.adapter_shapes(kernel, n_in, r, stacked=i is None)
+                for ab, shape in (("a", a_shape), ("b", b_shape)):
+                    shape = shape[1:] if i is None else shape
+                    parts = []
+                    for l in (range(cfg.num_layers) if i is None else [i]):
+                        key = _peft_key(l, name, ab.upper())
+                        raw = f.get_tensor(key)
+                        # PEFT lora_A.weight [r, in] -> ours [*in, r]; lora_B.weight [out, r] -> [r, *out]
+                        want = (r, math.prod(shape[:-1])) if ab == "a" else (math.prod(shape[1:]), r)
+                        if tuple(raw.shape) != want:
+                            raise ValueError(f"{path}: tensor {key} has shape {tuple(raw.shape)}; expected {want}")
+                        parts.append(np.ascontiguousarray(raw.T).reshape(shape))
+                    values[(i, name, ab)] = np.stack(parts) if i is None else parts[0]
+    if not lora.has_lora(model):
+        lora.apply_lora(model, lcfg, mesh=mesh, rules=rules)
+    layers = dict(lora.decoder_layers(model))
+    for (i, name, ab), value in values.items():
+        var = getattr(getattr(layers[i], lora.PROJECTIONS[name][0]), f"{name}_lora_{ab}")
+        cur = var[...]
+        sh = getattr(cur, "sharding", None)
+        var.set_value(_place(value.astype(cur.dtype), sh if isinstance(sh, jax.sharding.NamedSharding) else None))
+    return model, lcfg
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 
@@ -354,6 +516,7 @@ def inspect(path: str) -> str:
 def _save_orbax(model: Qwen, cfg: QwenConfig, out: str) -> None:
     import orbax.checkpoint as ocp
     path = out if storage.is_gcs(out) else os.path.abspath(out)
+    storage.configure_tensorstore()
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(storage.join(path, "params"), nnx.state(model, nnx.Param))
     ckptr.wait_until_finished()
@@ -364,6 +527,7 @@ def _save_orbax(model: Qwen, cfg: QwenConfig, out: str) -> None:
 def _load_orbax(path: str) -> tuple[Qwen, QwenConfig]:
     import orbax.checkpoint as ocp
     path = path if storage.is_gcs(path) else os.path.abspath(path)
+    storage.configure_tensorstore()
     try:
         cfg = QwenConfig(**json.loads(storage.read_text(storage.join(path, "model_config.json"))))
     except FileNotFoundError:

@@ -1,0 +1,815 @@
+"""Loop 2 (memory proficiency): mine good memory decisions from traces and train on them.
+
+One iteration, as in upstream AutoMem's training engine:
+
+    traces ──extract_candidates──> one candidate per LOG phase and per PLAN memory consultation
+           ──filter_top_episodes──> (optional) only the best X% of episodes
+           ──postprocess──────────> upstream's fixed target clean-up (drops carry a reason)
+           ──judge_candidates─────> an LLM (or heuristic) critic accepts or rejects each one in context
+           ──build_iteration_dataset> datasets/<iter>/{selected.jsonl, review_decisions.jsonl, selection_stats.json}
+    run_loop2: dataset -> train_fn -> eval_fn (two-model split) -> one ledger.jsonl row per iteration
+
+Selection is by judgement of the memory ops, not by return: examples are the policy's own turns,
+verbatim except for the post-processing of the last assistant message. Every unit of work (dataset,
+training, evaluation, ledger row) leaves a marker, so re-running resumes where it stopped.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from automem_jax import storage
+from automem_jax.agent.types import ROLE_GAMEPLAY
+from automem_jax.memory import ops as ops_mod
+from automem_jax.memory.ops import KeyedOp
+from automem_jax.rollout.traces import HygieneCounter, dumps, dumps_pretty
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "NotEnoughExamples", "JudgeError", "LLMJudge", "extract_candidates", "postprocess",
+    "postprocess_all", "verify", "filter_top_episodes", "judge_candidates",
+    "build_iteration_dataset", "run_loop2", "read_ledger", "MEMORY_OPS", "DEFAULT_JUDGE_INSTRUCTIONS",
+]
+
+# Memory ops that make a turn worth training on, per phase. PLAN is read-only: a write op there is
+# never executed, so it does not count as memory use. UPSERT_MAP is NetHack's keyed map update.
+MEMORY_OPS: dict[str, tuple[str, ...]] = {
+    "log": ops_mod.READ_OPS + ops_mod.WRITE_OPS + ("UPSERT_MAP",),
+    "plan": ops_mod.READ_OPS,
+}
+DEFAULT_KEYED = {"UPSERT_MAP": KeyedOp("UPSERT_MAP", "dungeon_map.txt")}
+# Upstream: a PLAN reply with no memory op and less than this much text besides its action is
+# "action-only" and teaches nothing about memory.
+ACTION_ONLY_CHARS = 200
+
+# Post-process reason codes (also the reasons recorded in review_decisions.jsonl).
+OK = "ok"
+BAD_ROLES = "bad_alternation"
+BAD_PHASE = "unknown_phase"
+NO_OP_IN_LAST = "no_op_in_last_turn"
+ACTION_ONLY = "action_only"
+NO_MEMORY_OP = "no_memory_op_after_cut"
+ACTION_IN_LOG = "action_in_log_turn"
+FENCE_LEFT = "fence_remaining"
+
+# Lenient tag forms, the same ones the op parser accepts (see automem_jax.memory.ops).
+_DONE_RE = re.compile(r"<\|?DONE\|?>")
+_ACTION_TAG_RE = re.compile(r"<\|?ACTION\|?>", re.IGNORECASE)
+_ACTION_LINE_RE = re.compile(r"^[ \t]*ACTION:", re.IGNORECASE | re.MULTILINE)
+_FENCE_RE = re.compile(r"```[^\n`]*\n?(.*?)```", re.DOTALL)
+_ANY_TAG_RE = re.compile(
+    r"<\|?(?:" + "|".join(sorted({*ops_mod.BUILTIN_OPS, "UPSERT_MAP", "END"})) + r")\|?[>}]",
+    re.IGNORECASE)
+
+
+class NotEnoughExamples(RuntimeError):
+    """Fewer accepted examples than ``min_examples``; carries the counts so the caller can decide."""
+
+    def __init__(self, selected: int, min_examples: int, stats: dict):
+        self.selected, self.min_examples, self.stats = selected, min_examples, stats
+        super().__init__(
+            f"only {selected} examples were selected, fewer than min_examples={min_examples} "
+            f"(candidates {stats.get('candidates')}, by reason {stats.get('by_reason')}); collect more "
+            "traces, loosen the judge or top_pct, or pass allow_fewer=True")
+
+
+class JudgeError(ValueError):
+    """A judge reply that cannot be used at all (not a list of decisions)."""
+
+
+# =================================================================================== candidates
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    for i, line in enumerate(storage.read_text(path).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            # Only a killed writer's last line can be torn; anything earlier is a real problem.
+            log.warning("%s: line %d is not JSON; the rest of the file is ignored", path, i + 1)
+            break
+    return rows
+
+
+def _episode_files(run_dir: str) -> list[tuple[str, str, int, str]]:
+    """(env, task, k, folder) of every finished episode under ``run_dir`` (or its traces/ folder)."""
+    traces = storage.join(run_dir, "traces")
+    if not storage.listdir(traces):
+        traces = run_dir  # the caller pointed at the traces folder itself
+    out = []
+    for env in storage.listdir(traces):
+        for task in storage.listdir(storage.join(traces, env)):
+            folder = storage.join(traces, env, task)
+            names = set(storage.listdir(folder))
+            for name in names:
+                m = re.fullmatch(r"ep_(\d+)\.jsonl", name)
+                if not m:
+                    continue
+                if name[:-1] not in names:
+                    # No ep_<k>.json: the episode was cut short and will be replayed on resume.
+                    log.info("%s/%s: unfinished episode, skipped", folder, name)
+                    continue
+                out.append((env, task, int(m.group(1)), folder))
+    return sorted(out)
+
+
+def _phase_turns(phase_rec: dict, phase: str) -> list[dict]:
+    """The turns of a phase that belong to a memory example.
+
+    PLAN keeps only the memory consultation: the gameplay model's turns (two-model runs) are not
+    the specialist's to learn. A failed call (error set) ends the usable part of a phase.
+    """
+    turns = []
+    for t in phase_rec.get("turns") or []:
+        if t.get("error") is not None:
+            break
+        if phase == "plan" and t.get("model_role") == ROLE_GAMEPLAY:
+            break
+        turns.append(t)
+    return turns
+
+
+def _messages(turns: Sequence[dict]) -> list[dict]:
+    # Each turn's prompt is the user message it answered (turn 0: the phase's initial prompt; later:
+    # the continuation holding the previous turn's results), so this is the chat as the model saw it.
+    msgs = []
+    for t in turns:
+        msgs.append({"role": "user", "content": t.get("prompt", "")})
+        msgs.append({"role": "assistant", "content": t.get("response", "")})
+    return msgs
+
+
+def _phase_hygiene(prev_files: Mapping[str, str], turns: Sequence[dict]) -> HygieneCounter:
+    # Prime the counter with the memory as it was before this step, then count only these turns.
+    h = HygieneCounter()
+    h.update({"memory_snapshot": dict(prev_files)})
+    h.update({"log": {"turns": list(turns)}})
+    return h
+
+
+def extract_candidates(run_dir: str, phases: Sequence[str] = ("log", "plan")) -> list[dict]:
+    """One candidate per LOG phase and per PLAN memory consultation of every finished episode.
+
+    Keys: id ("<env>/<task>/ep<k>/s<step>/<phase>"), env, task, episode, seed, step, phase,
+    messages (user/assistant chat ending with an assistant turn, verbatim), turns (the raw turn
+    records), reward and progression_delta (of this step's env action), redundant_writes,
+    empty_searches and n_ops (memory hygiene of these turns, counted like traces.HygieneCounter),
+    episode_return, episode_progression; and, as context for a judge, observation (the text the
+    game showed at this step), memory_before (files before this step) and prev_action.
+    """
+    bad = [p for p in phases if p not in MEMORY_OPS]
+    if bad:
+        raise ValueError(f"phases must be among {sorted(MEMORY_OPS)}, got {bad}")
+    out = []
+    for env, task, k, folder in _episode_files(run_dir):
+        ep = json.loads(storage.read_text(storage.join(folder, f"ep_{k}.json")))
+        prev_files: dict[str, str] = {}
+        prev_prog, prev_action = 0.0, None
+        for line in _read_jsonl(storage.join(folder, f"ep_{k}.jsonl")):
+            step = int(line.get("step", 0))
+            prog = float(line.get("progression") or 0.0)
+            for phase in phases:
+                turns = _phase_turns(line.get(phase) or {}, phase)
+                if not turns:
+                    continue  # step-0 LOG never runs; a phase whose first call failed has nothing
+                h = _phase_hygiene(prev_files, turns)
+                out.append({
+                    "id": f"{env}/{task}/ep{k}/s{step}/{phase}",
+                    "env": env, "task": task, "episode": k, "seed": ep.get("seed"),
+                    "step": step, "phase": phase,
+                    "messages": _messages(turns), "turns": turns,
+                    "reward": float(line.get("reward") or 0.0),
+                    "progression_delta": prog - prev_prog,
+                    "redundant_writes": h.redundant_writes, "empty_searches": h.empty_searches,
+                    "n_ops": h.ops,
+                    # Context for a judge: what the game showed, the memory before this step and
+                    # (for LOG) the action whose outcome is being recorded.
+                    "observation": "\n".join(x for x in (line.get("obs_long_term"), line.get("obs_short_term")) if x),
+                    "memory_before": prev_files,
+                    "prev_action": prev_action,
+                    "episode_return": float(ep.get("episode_return", 0.0)),
+                    "episode_progression": float(ep.get("progression", 0.0)),
+                })
+            prev_files = dict(line.get("memory_snapshot") or {})
+            prev_prog, prev_action = prog, line.get("validated_action")
+    return out
+
+
+def filter_top_episodes(candidates: Sequence[dict], top_pct: float) -> tuple[list[dict], list[dict]]:
+    """(kept, dropped): keep candidates of the top ``top_pct``% episodes of each env/task.
+
+    Episodes rank by progression, then return. 100 keeps everything; at least one episode per
+    env/task is always kept.
+    """
+    if not 0 < top_pct <= 100:
+        raise ValueError(f"top_pct must be in (0, 100], got {top_pct}")
+    if top_pct >= 100:
+        return list(candidates), []
+    episodes: dict[tuple, dict[int, tuple]] = defaultdict(dict)
+    for c in candidates:
+        episodes[(c["env"], c["task"])][c["episode"]] = (c["episode_progression"], c["episode_return"])
+    keep = set()
+    for group, eps in episodes.items():
+        n = max(1, math.ceil(len(eps) * top_pct / 100))
+        ranked = sorted(eps, key=lambda e: (eps[e][0], eps[e][1], -e), reverse=True)
+        keep.update((group, e) for e in ranked[:n])
+    kept = [c for c in candidates if ((c["env"], c["task"]), c["episode"]) in keep]
+    dropped = [c for c in candidates if ((c["env"], c["task"]), c["episode"]) not in keep]
+    return kept, dropped
+
+
+# =================================================================================== postprocess
+
+def _op_spans(text: str, phase: str, keyed: Mapping[str, KeyedOp]) -> list[tuple[int, int]]:
+    """(start, end) of every memory op the agent would actually run in ``text`` for ``phase``."""
+    names = MEMORY_OPS[phase]
+    parsed = ops_mod.parse(text, names, {k: v for k, v in keyed.items() if k in names})
+    starts = {c.start for c in parsed.calls}
+    spans = []
+    for name in sorted({c.op for c in parsed.calls}):
+        spans += [(s, e) for s, _, _, e in ops_mod.tag_spans(text, name) if s in starts]
+    return sorted(spans)
+
+
+def _action_pos(text: str) -> int | None:
+    """Where the first committed-action form (tag or 'ACTION:' line) starts, if any."""
+    found = [m.start() for m in (_ACTION_TAG_RE.search(text), _ACTION_LINE_RE.search(text)) if m]
+    return min(found) if found else None
+
+
+def _unwrap_fences(text: str) -> str:
+    # A fence whose body holds op tags was the model formatting its commands as code; the parser
+    # reads through it, but the target should not teach fences. Other fences are left alone.
+    def repl(m: re.Match) -> str:
+        body = m.group(1)
+        return body.strip("\n") if _ANY_TAG_RE.search(body) else m.group(0)
+    return _FENCE_RE.sub(repl, text)
+
+
+def _chat(ex: Mapping) -> Any:
+    """An example's messages: ``messages`` (candidates) or ``conversations`` (dataset rows)."""
+    return ex["messages"] if "messages" in ex else ex.get("conversations")
+
+
+def _phase_of(ex: Mapping) -> Any:
+    return ex.get("phase") or (ex.get("meta") or {}).get("phase")
+
+
+def _roles_problem(messages) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "no messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            return f"message {i} is not a {{role, content}} object"
+        want = "user" if i % 2 == 0 else "assistant"
+        if m.get("role") != want:
+            return f"message {i} has role {m.get('role')!r}, expected {want!r} (user first, alternating)"
+    if messages[-1]["role"] != "assistant":
+        return "the last message is not the assistant's"
+    return None
+
+
+def _last_end(text: str, phase: str, keyed: Mapping[str, KeyedOp]) -> int | None:
+    """End of the last op terminator: an op's END tag, or (LOG) the DONE tag."""
+    ends = [e for _, e in _op_spans(text, phase, keyed)]
+    if phase == "log":
+        ends += [m.end() for m in _DONE_RE.finditer(text)]
+    return max(ends) if ends else None
+
+
+def postprocess(example: dict, *, keyed: Mapping[str, KeyedOp] | None = None) -> tuple[dict | None, str]:
+    """Upstream's deterministic target clean-up; returns (cleaned copy, "ok") or (None, reason).
+
+    ``example`` needs ``phase`` ("log" or "plan") and ``messages`` (or ``conversations``). Earlier
+    assistant turns are kept verbatim except for unwrapping code fences around op tags; the rules act on the
+    last assistant message: LOG is cut after <|DONE|>; PLAN is cut before its action and dropped
+    if it was action-only; then an example with no memory op left is dropped, anything after the
+    last op terminator is trimmed, and a leftover ``` fence drops the example. The copy gets an
+    ``edits`` list naming what changed.
+    """
+    keyed = DEFAULT_KEYED if keyed is None else keyed
+    phase = _phase_of(example)
+    if phase not in MEMORY_OPS:
+        return None, BAD_PHASE
+    messages = _chat(example)
+    if _roles_problem(messages) is not None:
+        return None, BAD_ROLES
+    edits = []
+    msgs = []
+    for m in messages:
+        content = m["content"]
+        if m["role"] == "assistant":
+            unwrapped = _unwrap_fences(content)
+            if unwrapped != content and "fence_unwrapped" not in edits:
+                edits.append("fence_unwrapped")
+            content = unwrapped
+        msgs.append({"role": m["role"], "content": content})
+    text = msgs[-1]["content"]
+
+    spans = _op_spans(text, phase, keyed)
+    if not spans and not _DONE_RE.search(text) and _action_pos(text) is None:
+        return None, NO_OP_IN_LAST
+    if phase == "log":
+        m = _DONE_RE.search(text)
+        if m and text[m.end():].strip():
+            text = text[:m.end()]
+            edits.append("done_cut")
+    else:
+        pos = _action_pos(text)
+        if pos is not None:
+            before = text[:pos]
+            if not _op_spans(before, phase, keyed) and len(before.strip()) < ACTION_ONLY_CHARS:
+                return None, ACTION_ONLY
+            text = before
+            edits.append("action_cut")
+    if not _op_spans(text, phase, keyed):
+        return None, NO_MEMORY_OP
+    end = _last_end(text, phase, keyed)
+    if text[end:].strip():
+        edits.append("tail_trimmed")
+    text = text[:end]
+    if _action_pos(text) is not None:
+        return None, ACTION_IN_LOG  # only LOG can get here: PLAN was cut at its first action
+    if "```" in text:
+        return None, FENCE_LEFT
+    msgs[-1]["content"] = text
+    key = "messages" if "messages" in example else "conversations"
+    out = {k: v for k, v in example.items() if k not in (key, "edits")}
+    out[key], out["edits"] = msgs, edits
+    return out, OK
+
+
+def postprocess_all(examples: Iterable[dict], **kw) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """(kept, [(example, reason), ...] for the dropped ones)."""
+    kept, dropped = [], []
+    for ex in examples:
+        out, reason = postprocess(ex, **kw)
+        if out is None:
+            dropped.append((ex, reason))
+        else:
+            kept.append(out)
+    return kept, dropped
+
+
+def verify(examples: Iterable[dict], *, keyed: Mapping[str, KeyedOp] | None = None) -> list[str]:
+    """Violations of the post-process guarantees, one string each; [] for postprocess output."""
+    keyed = DEFAULT_KEYED if keyed is None else keyed
+    problems = []
+    for i, ex in enumerate(examples):
+        name = ex.get("id", f"#{i}")
+        phase = _phase_of(ex)
+        if phase not in MEMORY_OPS:
+            problems.append(f"{name}: unknown phase {phase!r}")
+            continue
+        why = _roles_problem(_chat(ex))
+        if why is not None:
+            problems.append(f"{name}: bad alternation: {why}")
+            continue
+        text = _chat(ex)[-1]["content"]
+        if not _op_spans(text, phase, keyed):
+            problems.append(f"{name}: last turn has no memory op")
+        if "```" in text:
+            problems.append(f"{name}: last turn has a ``` fence")
+        if _action_pos(text) is not None:
+            problems.append(f"{name}: last turn contains an ACTION")
+        end = _last_end(text, phase, keyed)
+        if end is not None and text[end:].strip():
+            problems.append(f"{name}: text after the last op terminator")
+    return problems
+
+
+# =================================================================================== judging
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    head = max(limit * 2 // 3, 0)
+    tail = max(limit - head, 0)
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters omitted ...]\n{text[len(text) - tail:]}"
+
+
+def render_candidate(c: dict, max_chars: int = 6000) -> str:
+    """A bounded text view of one candidate for a critic: facts, observation, memory, then the chat."""
+    head = (f"### id: {c['id']}\nphase: {c['phase'].upper()}, step {c.get('step')}; "
+            f"reward {c.get('reward', 0):g}, progression change {c.get('progression_delta', 0):+.3f}; "
+            f"redundant writes {c.get('redundant_writes', 0)}, empty searches {c.get('empty_searches', 0)}")
+    if c["phase"] == "log" and c.get("prev_action"):
+        head += f"\nprevious action (its outcome is what LOG records): {c['prev_action']}"
+    budget = max(max_chars - len(head), 800)
+    parts = [head]
+    msgs = list(c.get("messages") or [])
+    if "observation" in c:
+        # The phase prompt is mostly fixed instructions; show its facts compactly instead.
+        files = c.get("memory_before") or {}
+        memory = "\n".join(f"== {name} ==\n{text}" for name, text in sorted(files.items())) or "(no files)"
+        parts.append(f"[observation]\n{_clip(c['observation'], budget // 5)}")
+        parts.append(f"[memory before this step]\n{_clip(memory, budget // 5)}")
+        if msgs:
+            msgs[0] = {"role": "user", "content": "(phase prompt: instructions, observation and file index)"}
+        budget -= 2 * (budget // 5)
+    n_asst = sum(m["role"] == "assistant" for m in msgs) or 1
+    n_user = max(len(msgs) - n_asst, 1)
+    # Replies are what is judged: they get 2/3 of what is left; prompts and tool results share the rest.
+    per_asst, per_user = 2 * budget // (3 * n_asst), budget // (3 * n_user)
+    for m in msgs:
+        limit = per_asst if m["role"] == "assistant" else per_user
+        parts.append(f"[{m['role']}]\n{_clip(m['content'], limit)}")
+    return "\n".join(parts)
+
+
+DEFAULT_JUDGE_INSTRUCTIONS = """\
+You review the memory decisions of an agent that plays a game. The agent keeps notes in a few text \
+files and works on them with inline commands such as <|READ|>file<|END|>, <|SEARCH|>file|keyword<|END|>, \
+<|TAIL|>file|N<|END|>, <|COUNT|>file|keyword<|END|>, <|APPEND|>file|text<|END|>, <|WRITE|>file|text<|END|> \
+and <|CREATE|>file<|END|>. Every game step has a LOG phase, in which the agent records what its previous \
+action led to (ending with <|DONE|>), and a PLAN phase, in which it looks things up read-only before it \
+chooses an action. Each item below is one such phase; the accepted ones become fine-tuning examples for \
+the agent's memory skill, so accept only what is worth imitating.
+
+How to judge, using the observation, the files and the command results shown in the item:
+- LOG: accept when the notes are new (not already stored), agree with what the game actually showed, are \
+specific enough to help later (positions, causes, failures, resources, dangers), go into fitting files, \
+and the agent checked before writing where that mattered. Reject invented events, duplicates of stored \
+lines, vague or useless notes, and misuse of the command syntax.
+- PLAN: accept when the lookups aim at files and keywords that could hold what the current situation \
+needs, and retrieve something relevant. Reject blind or repeated lookups, searches for keywords that \
+cannot match, and reading everything without purpose. One empty search on a sensible keyword is fine.
+- Judge only the memory commands and the reasoning around them. Ignore whether the game action was good.
+
+Reply with nothing but a JSON list holding one object per item, every id exactly once:
+[{"id": "<item id>", "decision": "accept" or "reject", "reason": "<one short sentence>"}]
+"""
+
+
+def _reply_text(reply) -> str:
+    if isinstance(reply, str):
+        return reply
+    content = getattr(reply, "content", None)
+    if content is None and isinstance(reply, Mapping):
+        content = reply.get("content")
+    return content if isinstance(content, str) else ""
+
+
+def parse_decisions(text: str) -> list[dict]:
+    """A judge's JSON list of {id, decision, reason}; tolerates a ```json fence and prose around it."""
+    body = text.strip()
+    m = re.search(r"```(?:json)?\s*\n?(.*?)```", body, re.DOTALL | re.IGNORECASE)
+    if m:
+        body = m.group(1).strip()
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        lo, hi = body.find("["), body.rfind("]")
+        if lo < 0 or hi <= lo:
+            raise JudgeError("the reply holds no JSON list") from None
+        try:
+            data = json.loads(body[lo:hi + 1])
+        except json.JSONDecodeError as e:
+            raise JudgeError(f"the JSON list does not parse: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("decisions"), list):
+        data = data["decisions"]
+    if not isinstance(data, list):
+        raise JudgeError(f"expected a JSON list of decisions, got {type(data).__name__}")
+    for i, d in enumerate(data):
+        if not isinstance(d, dict) or "id" not in d or "decision" not in d:
+            raise JudgeError(f"item {i} is not an object with 'id' and 'decision': {str(d)[:120]}")
+    return data
+
+
+class LLMJudge:
+    """Judges a batch of candidates with a critic chat model (anything with ``chat(messages)``).
+
+    An unparseable reply is retried once with the parse error fed back; if the retry fails too,
+    every item of the batch is rejected with the error as the reason (marked ``error``), so a bad
+    critic reply never accepts anything and never stops the run.
+    """
+
+    def __init__(self, critic_client, instructions: str | None = None, *,
+                 max_chars_per_candidate: int = 6000, retries: int = 1):
+        self.client = critic_client
+        self.instructions = instructions or DEFAULT_JUDGE_INSTRUCTIONS
+        self.max_chars = max_chars_per_candidate
+        self.retries = retries
+
+    def prompt(self, batch: Sequence[dict]) -> str:
+        items = "\n\n".join(render_candidate(c, self.max_chars) for c in batch)
+        ids = ", ".join(c["id"] for c in batch)
+        return f"{self.instructions}\n{len(batch)} items (ids: {ids}):\n\n{items}"
+
+    def judge(self, batch: Sequence[dict]) -> list[dict]:
+        messages = [{"role": "user", "content": self.prompt(batch)}]
+        error = ""
+        for attempt in range(self.retries + 1):
+            text = _reply_text(self.client.chat(messages))
+            try:
+                return parse_decisions(text)
+            except JudgeError as e:
+                error = str(e)
+                log.warning("judge reply unusable (attempt %d): %s", attempt + 1, error)
+                messages = messages + [
+                    {"role": "assistant", "content": text},
+                    {"role": "user", "content": f"Your reply could not be used: {error}. Reply again with "
+                     "only the JSON list of {\"id\", \"decision\", \"reason\"} objects, one per item."}]
+        return [{"id": c["id"], "decision": "reject", "reason": f"judge reply unusable: {error}",
+                 "error": True} for c in batch]
+
+
+def _normalise(batch: Sequence[dict], reply) -> list[dict]:
+    """One decision per candidate of ``batch``, in order; never accepts what the judge did not."""
+    if not isinstance(reply, list) or not all(isinstance(d, Mapping) for d in reply):
+        raise JudgeError(f"judge.judge must return a list of {{id, decision, reason}} dicts, "
+                         f"got {type(reply).__name__}: {str(reply)[:200]}")
+    by_id: dict[str, list[Mapping]] = defaultdict(list)
+    for d in reply:
+        by_id[str(d.get("id"))].append(d)
+    wanted = {c["id"] for c in batch}
+    extra = sorted(set(by_id) - wanted)
+    if extra:
+        log.warning("judge answered for ids it was not given (ignored): %s", extra[:5])
+    out = []
+    for c in batch:
+        got = by_id.get(c["id"], [])
+        decisions = {str(d.get("decision", "")).strip().lower() for d in got}
+        if not got:
+            out.append({"id": c["id"], "decision": "reject", "reason": "no decision", "source": "missing"})
+        elif len(decisions) > 1:
+            out.append({"id": c["id"], "decision": "reject", "reason": "conflicting decisions for one id",
+                        "source": "conflict"})
+        elif decisions != {"accept"} and decisions != {"reject"}:
+            out.append({"id": c["id"], "decision": "reject",
+                        "reason": f"invalid decision {next(iter(decisions))!r}", "source": "invalid"})
+        else:
+            d = got[0]
+            out.append({"id": c["id"], "decision": decisions.pop(), "reason": str(d.get("reason", "")),
+                        "source": "judge_error" if d.get("error") else "judge"})
+    return out
+
+
+def judge_candidates(candidates: Sequence[dict], judge, batch_size: int = 20, *,
+                     cache_dir: str | None = None) -> list[dict]:
+    """Decisions ``{id, decision, reason, source}`` for every candidate, in candidate order.
+
+    ``judge`` is any object with ``judge(list[dict]) -> list[{id, decision, reason}]``. An id the
+    reply leaves out is rejected with reason "no decision"; duplicates that disagree, unknown
+    decision words and judge errors are rejections too. With ``cache_dir`` each finished batch is
+    saved there, and a re-run only asks about candidates without a saved decision.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = [c["id"] for c in candidates]
+    dup = [i for i, n in Counter(ids).items() if n > 1]
+    if dup:
+        raise ValueError(f"candidate ids must be unique; repeated: {dup[:5]}")
+    cached: dict[str, dict] = {}
+    n_files = 0
+    if cache_dir is not None:
+        for name in storage.listdir(cache_dir):
+            if name.startswith("batch_") and name.endswith(".jsonl"):
+                n_files += 1
+                for row in _read_jsonl(storage.join(cache_dir, name)):
+                    cached[row["id"]] = row
+    todo = [c for c in candidates if c["id"] not in cached]
+    if cached:
+        log.info("judge: %d decisions reused from %s, %d to ask", len(candidates) - len(todo), cache_dir, len(todo))
+    for i in range(0, len(todo), batch_size):
+        batch = todo[i:i + batch_size]
+        decided = _normalise(batch, judge.judge([dict(c) for c in batch]))
+        for d in decided:
+            cached[d["id"]] = d
+        if cache_dir is not None:
+            # Only clean verdicts are kept: a missing, malformed or failed answer is asked again on a re-run.
+            keep = [d for d in decided if d["source"] == "judge"]
+            storage.write_text(storage.join(cache_dir, f"batch_{n_files:06d}.jsonl"),
+                               "".join(dumps(d) + "\n" for d in keep))
+            n_files += 1
+    return [cached[i] for i in ids]
+
+
+# =================================================================================== dataset
+
+def _ledger_row(c: dict, decision: str, reason: str, stage: str) -> dict:
+    return {"id": c["id"], "env": c["env"], "task": c["task"], "episode": c["episode"], "step": c["step"],
+            "phase": c["phase"], "decision": decision, "reason": reason, "stage": stage}
+
+
+def _selection_stats(rows: list[dict], selected: list[dict], **meta) -> dict:
+    by_phase: dict[str, Counter] = defaultdict(Counter)
+    by_reason: Counter = Counter()
+    by_stage: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        by_phase[r["phase"]]["candidates"] += 1
+        by_phase[r["phase"]][r["decision"]] += 1
+        by_stage[r["stage"]][r["decision"]] += 1
+        # Judge reasons are free text: count them by kind, keep the codes of the fixed stages.
+        if r["stage"] != "judge":
+            code = r["reason"]
+        else:
+            src = r.get("source", "judge")
+            code = r["decision"] if src == "judge" else f"{r['decision']}:{src}"
+        by_reason[f"{r['stage']}:{code}"] += 1
+    return {
+        **meta,
+        "candidates": len(rows), "selected": len(selected),
+        "by_phase": {p: dict(c) for p, c in sorted(by_phase.items())},
+        "by_decision": dict(Counter(r["decision"] for r in rows)),
+        "by_stage": {s: dict(c) for s, c in by_stage.items()},
+        "by_reason": dict(sorted(by_reason.items())),
+        "edits": dict(Counter(e for s in selected for e in s["meta"]["edits"])),
+        "violations": len(verify(selected)),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def build_iteration_dataset(run_dir: str, out_dir: str, judge, *, min_examples: int, top_pct: float = 100,
+                            version: Any = 0, batch_size: int = 20, allow_fewer: bool = False,
+                            phases: Sequence[str] = ("log", "plan")) -> dict:
+    """Mine ``run_dir``'s traces into a dataset folder; returns its selection stats.
+
+    Writes ``selected.jsonl`` (post-processed sharegpt rows ``{id, conversations, meta: {env, task,
+    episode, step, phase, edits}}``, as training.data.build_dataset reads them),
+    ``review_decisions.jsonl`` (one row per candidate: id, env, task, episode, step, phase,
+    decision, reason, stage — filter, postprocess or judge), ``selection_stats.json`` and ``DONE``.
+    If ``DONE`` exists the saved stats are returned at once. Fewer than ``min_examples`` selected
+    raises NotEnoughExamples (the decisions and stats are still written, DONE is not) unless
+    ``allow_fewer``. Judge answers are cached under ``judge_cache/`` so a re-run does not re-ask.
+    """
+    stats_path = storage.join(out_dir, "selection_stats.json")
+    if storage.exists(storage.join(out_dir, "DONE")):
+        return json.loads(storage.read_text(stats_path))
+    candidates = extract_candidates(run_dir, phases)
+    rows: dict[str, dict] = {}
+    kept, dropped = filter_top_episodes(candidates, top_pct)
+    for c in dropped:
+        rows[c["id"]] = _ledger_row(c, "reject", f"episode outside the top {top_pct:g}%", "filter")
+    # Post-process before judging: it is free and deterministic, and the critic should see the
+    # exact target it is asked to approve.
+    processed = []
+    for c in kept:
+        out, reason = postprocess(c)
+        if out is None:
+            rows[c["id"]] = _ledger_row(c, "reject", reason, "postprocess")
+        else:
+            processed.append(out)
+    decisions = judge_candidates(processed, judge, batch_size, cache_dir=storage.join(out_dir, "judge_cache"))
+    selected = []
+    for c, d in zip(processed, decisions):
+        rows[c["id"]] = {**_ledger_row(c, d["decision"], d["reason"], "judge"), "source": d["source"]}
+        if d["decision"] == "accept":
+            # The sharegpt row training.data.build_dataset reads: id, conversations, meta.
+            selected.append({"id": c["id"], "conversations": c["messages"],
+                             "meta": {k: c[k] for k in ("env", "task", "episode", "step", "phase", "edits")}})
+    ordered = [rows[c["id"]] for c in candidates]
+    problems = verify(selected)
+    if problems:  # a bug in postprocess, not in the data: never train on it
+        raise AssertionError("post-processed examples violate the target rules: " + "; ".join(problems[:5]))
+    stats = _selection_stats(ordered, selected, version=version, run_dir=run_dir, top_pct=top_pct,
+                             min_examples=min_examples)
+    storage.write_text(storage.join(out_dir, "selected.jsonl"), "".join(dumps(s) + "\n" for s in selected))
+    storage.write_text(storage.join(out_dir, "review_decisions.jsonl"), "".join(dumps(r) + "\n" for r in ordered))
+    if len(selected) < min_examples and not allow_fewer:
+        storage.write_text(stats_path, dumps_pretty({**stats, "status": "not_enough_examples"}))
+        raise NotEnoughExamples(len(selected), min_examples, stats)
+    stats["status"] = "done"
+    storage.write_text(stats_path, dumps_pretty(stats))
+    storage.write_text(storage.join(out_dir, "DONE"), stats["created"] + "\n")
+    return stats
+
+
+# =================================================================================== the loop
+
+def read_ledger(workdir: str) -> list[dict]:
+    path = storage.join(workdir, "ledger.jsonl")
+    return _read_jsonl(path) if storage.exists(path) else []
+
+
+def _append_ledger(workdir: str, row: dict) -> None:
+    # gs:// cannot append: rewrite the (small) file; local writes are atomic, so no torn ledger.
+    rows = read_ledger(workdir) + [row]
+    storage.write_text(storage.join(workdir, "ledger.jsonl"), "".join(dumps(r) + "\n" for r in rows))
+
+
+def _unit(folder: str, result_name: str, fn: Callable[[], dict]) -> tuple[dict, float | None]:
+    """Run ``fn`` once: its result is saved next to a DONE marker and reloaded on a re-run."""
+    done, path = storage.join(folder, "DONE"), storage.join(folder, result_name)
+    if storage.exists(done):
+        return json.loads(storage.read_text(path)), None
+    storage.makedirs(folder)
+    t = time.perf_counter()
+    result = fn()
+    if not isinstance(result, Mapping):
+        raise TypeError(f"{result_name}: expected a dict from the callable, got {type(result).__name__}")
+    storage.write_text(path, dumps_pretty(dict(result)))
+    storage.write_text(done, "ok\n")
+    return dict(result), time.perf_counter() - t
+
+
+def _episodes_of(run_dir: str) -> list[dict]:
+    out = []
+    for env, task, k, folder in _episode_files(run_dir):
+        ep = json.loads(storage.read_text(storage.join(folder, f"ep_{k}.json")))
+        out.append({"env": env, "task": task, "episode": k, "seed": ep.get("seed"),
+                    "progression": ep.get("progression"), "return": ep.get("episode_return"),
+                    "steps": ep.get("num_steps"), "end_reason": ep.get("end_reason")})
+    return out
+
+
+_HYGIENE_KEYS = ("redundant_write_rate", "empty_search_rate", "ops_per_step", "context_tokens_per_step")
+
+
+def _eval_entry(summary: Mapping, run_dir: str) -> dict:
+    per_task, hyg, weights = {}, defaultdict(float), 0
+    for env, tasks in (summary.get("environments") or {}).items():
+        for task, t in tasks.items():
+            h = t.get("hygiene") or {}
+            per_task[f"{env}/{task}"] = {"progression_percentage": t.get("progression_percentage"),
+                                         "standard_error": t.get("standard_error"),
+                                         "episodes": t.get("episodes"), "hygiene": h}
+            w = t.get("steps") or 1  # pool the rates over steps across tasks
+            weights += w
+            for k in _HYGIENE_KEYS:
+                hyg[k] += w * float(h.get(k, 0.0))
+    episodes = _episodes_of(run_dir) if storage.exists(run_dir) else []
+    return {
+        "run_dir": run_dir,
+        "average_progress": summary.get("average_progress"), "standard_error": summary.get("standard_error"),
+        "episodes": summary.get("episodes", len(episodes)),
+        "per_episode": episodes or summary.get("per_episode", []),
+        "per_task": per_task,
+        "hygiene": {k: v / weights for k, v in hyg.items()} if weights else {},
+    }
+
+
+def run_loop2(*, workdir: str, traces_dir: str, judge, train_fn: Callable[[str, str, int], dict],
+              eval_fn: Callable[[dict, str, int], dict], iterations: int = 1, min_examples: int = 300,
+              top_pct: float = 100, start_iteration: int = 0, reuse_dataset: bool = False,
+              allow_fewer: bool = False, batch_size: int = 20) -> list[dict]:
+    """Run Loop-2 iterations ``start_iteration .. start_iteration + iterations - 1``; returns their ledger rows.
+
+    Each iteration: dataset ``workdir/datasets/<i>/`` from the traces in ``traces_dir`` (with
+    ``reuse_dataset`` every iteration after ``start_iteration`` trains on that iteration's dataset,
+    upstream's "reuse"), ``train_fn(dataset_dir, workdir/loop2/<i>/train, i)``,
+    ``eval_fn(train_result, workdir/loop2/<i>/eval, i)`` (a run summary as traces.summarize
+    writes it), then one row in ``workdir/ledger.jsonl``. Finished units are never redone: an
+    iteration with a ledger row is returned as recorded, and a dataset, training or evaluation
+    with its DONE marker is reloaded. A dataset below ``min_examples`` raises NotEnoughExamples
+    (unless ``allow_fewer``) before anything is trained.
+    """
+    if iterations < 0 or start_iteration < 0:
+        raise ValueError(f"iterations and start_iteration must be >= 0, got {iterations}, {start_iteration}")
+    rows = []
+    for it in range(start_iteration, start_iteration + iterations):
+        recorded = [r for r in read_ledger(workdir) if r.get("iteration") == it]
+        if recorded:
+            log.info("loop2 iteration %d already in the ledger, skipped", it)
+            rows.append(recorded[-1])
+            continue
+        t0 = time.perf_counter()
+        source = start_iteration if reuse_dataset else it
+        dataset_dir = storage.join(workdir, "datasets", str(source))
+        td = time.perf_counter()
+        resumed = storage.exists(storage.join(dataset_dir, "DONE"))
+        stats = build_iteration_dataset(traces_dir, dataset_dir, judge, min_examples=min_examples,
+                                        top_pct=top_pct, version=source, batch_size=batch_size,
+                                        allow_fewer=allow_fewer)
+        dataset_s = None if resumed else time.perf_counter() - td
+        it_dir = storage.join(workdir, "loop2", str(it))
+        train, train_s = _unit(storage.join(it_dir, "train"), "train_result.json",
+                               lambda: train_fn(dataset_dir, storage.join(it_dir, "train"), it))
+        eval_dir = storage.join(it_dir, "eval")
+        summary, eval_s = _unit(eval_dir, "eval_summary.json", lambda: eval_fn(train, eval_dir, it))
+        ev = _eval_entry(summary, eval_dir)
+        row = {
+            "iteration": it,
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "dataset_dir": dataset_dir, "dataset_version": stats.get("version", source),
+            "dataset_reused_from": source if source != it else None,
+            "n_examples": stats["selected"], "n_candidates": stats["candidates"],
+            "counts": {"by_phase": stats["by_phase"], "by_decision": stats["by_decision"],
+                       "by_stage": stats.get("by_stage", {})},
+            "train": {**{k: train.get(k) for k in ("checkpoint", "first_loss", "final_loss", "steps", "examples")},
+                      "dir": storage.join(it_dir, "train")},
+            "eval": {k: ev[k] for k in ("run_dir", "average_progress", "standard_error", "episodes", "per_task")},
+            "progression_mean": ev["average_progress"], "progression_se": ev["standard_error"],
+            "per_episode": ev["per_episode"],
+            "hygiene": ev["hygiene"],
+            "config": {"min_examples": min_examples, "top_pct": top_pct, "reuse_dataset": reuse_dataset,
+                       "batch_size": batch_size},
+            # Seconds spent in this invocation; None for a unit that was already finished.
+            "seconds": {"dataset": dataset_s, "train": train_s, "eval": eval_s,
+                        "total": time.perf_counter() - t0},
+        }
+        _append_ledger(workdir, row)
+        log.info("loop2 iteration %d: %d examples, progression %.2f ± %.2f", it, row["n_examples"],
+                 row["progression_mean"] or 0.0, row["progression_se"] or 0.0)
+        rows.append(row)
+    return rows

@@ -1,0 +1,474 @@
+"""Loop 2 mining: candidates from a real Craftax run, upstream's post-process rules, judging, the
+dataset folder and the resumable iteration ledger."""
+
+import json
+import os
+import re
+
+import pytest
+
+from automem_jax.agent.types import Completion
+from automem_jax.loops import proficiency as P
+from automem_jax.rollout.traces import summarize
+from automem_jax.training.data import validate_conversation
+
+# ----------------------------------------------------------------------------- a real run folder
+
+LOG_GOOD_0 = "Let me look first.\n<|SEARCH|>actions_log.txt|Step<|END|>"
+LOG_GOOD_1 = "<|APPEND|>actions_log.txt|Step {p}: moved, nothing else<|END|>\n<|DONE|>"
+LOG_SAME = "<|APPEND|>actions_log.txt|A tree stands to the east<|END|>\n<|DONE|>"  # redundant after its first time
+LOG_EMPTY = "```\n<|SEARCH|>map_notes.txt|diamond<|END|>\n```"  # an empty search in a fence
+LOG_NOOPS = "Nothing new happened."
+PLAN_SEARCH = "<|SEARCH|>actions_log.txt|tree<|END|>"
+PLAN_ACT = "<|ACTION|>Noop<|END|>"
+PLAN_MIXED = "<|TAIL|>actions_log.txt|2<|END|>\nThe tree is east, so I go there.\n<|ACTION|>Move East<|END|>"
+
+
+class ScriptedClient:
+    """LOG behaviour by the previous step p (read from the prompt): p%4==0 search then append,
+    ==1 the same note every time, ==2 a fenced empty search then DONE, ==3 no ops. PLAN by a
+    counter n of PLAN phases: n%3==0 search then action-only, ==1 lookup + reasoning + action in
+    one reply, ==2 action only."""
+
+    def __init__(self):
+        self.plans = 0
+
+    def _one(self, req):
+        turn = (len(req.messages) - 1) // 2
+        if req.phase == "log":
+            p = int(re.search(r"PREVIOUS action \(step (\d+)\)", req.messages[0]["content"]).group(1))
+            kind = p % 4
+            if kind == 0:
+                return LOG_GOOD_0 if turn == 0 else LOG_GOOD_1.format(p=p)
+            if kind == 1:
+                return LOG_SAME
+            if kind == 2:
+                return LOG_EMPTY if turn == 0 else "<|DONE|>"
+            return LOG_NOOPS
+        if turn == 0:
+            self.plans += 1
+        kind = (self.plans - 1) % 3
+        if kind == 0:
+            return PLAN_SEARCH if turn == 0 else PLAN_ACT
+        return PLAN_MIXED if kind == 1 else PLAN_ACT
+
+    def generate(self, requests):
+        return [Completion(self._one(r), 100, 10) for r in requests]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from automem_jax.memory.structure import MemoryStructure
+    from automem_jax.rollout.runner import Runner
+    d = str(tmp_path_factory.mktemp("loop2") / "run")
+    # One slot: the PLAN counter then maps to steps deterministically.
+    Runner(ScriptedClient(), MemoryStructure.default("crafter"), d, "craftax", num_envs=1, max_steps=8,
+           progress=False).run([3, 4])
+    return d
+
+
+def _by_id(cands):
+    return {c["id"]: c for c in cands}
+
+
+def test_extract_candidates_rebuild_the_chat_verbatim(run_dir):
+    cands = P.extract_candidates(run_dir)
+    ids = _by_id(cands)
+    assert len(ids) == len(cands)
+    prefix = "craftax/Craftax-Classic/ep0"
+    assert f"{prefix}/s0/log" not in ids and f"{prefix}/s0/plan" in ids  # no LOG at step 0
+    # 2 episodes x (7 LOG + 8 PLAN) phases
+    assert len(cands) == 30
+    lines = [json.loads(x) for x in open(os.path.join(run_dir, "traces/craftax/Craftax-Classic/ep_0.jsonl"))]
+    for c in cands:
+        msgs = c["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
+        assert [m["content"] for m in msgs[1::2]] == [t["response"] for t in c["turns"]]
+        assert c["episode"] in (0, 1) and c["seed"] == (3, 4)[c["episode"]]
+        assert set(c) >= {"id", "episode", "step", "phase", "messages", "turns", "reward", "progression_delta",
+                          "redundant_writes", "empty_searches", "episode_return", "episode_progression"}
+        if c["episode"] == 0:
+            line = lines[c["step"]]
+            assert msgs[0]["content"] == line[c["phase"]]["initial_prompt"]
+            assert c["turns"] == line[c["phase"]]["turns"]
+    # step 1 LOG (p=0): search, then append + DONE; the second user message carries the results
+    two = ids[f"{prefix}/s1/log"]["messages"]
+    assert [m["content"] for m in two[1::2]] == [LOG_GOOD_0, LOG_GOOD_1.format(p=0)]
+    assert two[2]["content"].startswith("Results of your commands:") and "actions_log.txt" in two[2]["content"]
+    # the same note at steps 2 and 6: new the first time, redundant the second
+    assert ids[f"{prefix}/s2/log"]["redundant_writes"] == 0
+    assert ids[f"{prefix}/s6/log"]["redundant_writes"] == 1
+    assert ids[f"{prefix}/s3/log"]["empty_searches"] == 1 and ids[f"{prefix}/s3/log"]["redundant_writes"] == 0
+    assert ids[f"{prefix}/s0/plan"]["messages"][1::2] == [{"role": "assistant", "content": PLAN_SEARCH},
+                                                        {"role": "assistant", "content": PLAN_ACT}]
+    assert P.extract_candidates(run_dir, phases=("plan",)) == [c for c in cands if c["phase"] == "plan"]
+    s1 = ids[f"{prefix}/s1/log"]
+    assert s1["prev_action"] == lines[0]["validated_action"] and s1["memory_before"] == lines[0]["memory_snapshot"]
+    assert s1["observation"].startswith(lines[1]["obs_long_term"])
+
+
+# ----------------------------------------------------------------------------- postprocess rules
+
+def ex(phase, *assistant, users=None):
+    msgs = []
+    for i, a in enumerate(assistant):
+        msgs += [{"role": "user", "content": (users or {}).get(i, f"prompt {i}")}, {"role": "assistant", "content": a}]
+    return {"id": f"x/{phase}/{len(assistant)}", "phase": phase, "messages": msgs}
+
+
+def last(out):
+    return out["messages"][-1]["content"]
+
+
+def test_fence_around_ops_is_unwrapped_in_every_assistant_turn():
+    out, why = P.postprocess(ex("log", "```\n<|SEARCH|>a.txt|x<|END|>\n```",
+                                "Noting it:\n```text\n<|APPEND|>a.txt|x seen<|END|>\n<|DONE|>\n```"))
+    assert why == "ok" and "fence_unwrapped" in out["edits"]
+    assert out["messages"][1]["content"] == "<|SEARCH|>a.txt|x<|END|>"
+    assert last(out) == "Noting it:\n<|APPEND|>a.txt|x seen<|END|>\n<|DONE|>"
+    assert out["messages"][0] == {"role": "user", "content": "prompt 0"}  # user turns untouched
+
+
+def test_log_is_cut_at_done():
+    out, why = P.postprocess(ex("log", "<|APPEND|>a.txt|x<|END|>\n<|DONE|>\nAlso <|APPEND|>a.txt|y<|END|>"))
+    assert why == "ok" and last(out) == "<|APPEND|>a.txt|x<|END|>\n<|DONE|>" and out["edits"] == ["done_cut"]
+
+
+def test_plan_is_cut_before_the_action():
+    out, why = P.postprocess(ex("plan", PLAN_MIXED))
+    assert why == "ok" and last(out) == "<|TAIL|>actions_log.txt|2<|END|>"
+    assert out["edits"] == ["action_cut", "tail_trimmed"]
+    out, why = P.postprocess(ex("plan", "<|READ|>a.txt<|END|>\nACTION: Noop"))  # the line form too
+    assert why == "ok" and last(out) == "<|READ|>a.txt<|END|>"
+
+
+def test_action_only_plan_is_dropped():
+    assert P.postprocess(ex("plan", PLAN_SEARCH, "Going east. <|ACTION|>Move East<|END|>")) == (None, "action_only")
+    # long reasoning without a lookup is not action-only, but it has no memory op either
+    long_text = "I think about it. " * 20 + "<|ACTION|>Noop<|END|>"
+    assert P.postprocess(ex("plan", long_text)) == (None, "no_memory_op_after_cut")
+
+
+def test_last_turn_without_memory_op_is_dropped():
+    assert P.postprocess(ex("log", LOG_GOOD_0, "<|DONE|>")) == (None, "no_memory_op_after_cut")
+    assert P.postprocess(ex("log", "Nothing new.")) == (None, "no_op_in_last_turn")
+    assert P.postprocess(ex("log", "<|DONE|> <|APPEND|>a.txt|late<|END|>")) == (None, "no_memory_op_after_cut")
+    # PLAN is read-only: a write there is not memory use; malformed ops do not count either
+    assert P.postprocess(ex("plan", "<|APPEND|>a.txt|x<|END|>")) == (None, "no_op_in_last_turn")
+    assert P.postprocess(ex("plan", "<|TAIL|>a.txt|many<|END|>")) == (None, "no_op_in_last_turn")
+
+
+def test_text_after_the_last_op_is_trimmed():
+    out, why = P.postprocess(ex("log", "Checking.\n<|SEARCH|>a.txt|x<|END|>\nI expect nothing there."))
+    assert why == "ok" and last(out) == "Checking.\n<|SEARCH|>a.txt|x<|END|>" and out["edits"] == ["tail_trimmed"]
+    out, why = P.postprocess(ex("log", "<|UPSERT_MAP|>(3,4)|fountain<|END|> then more"))  # keyed ops count
+    assert why == "ok" and last(out) == "<|UPSERT_MAP|>(3,4)|fountain<|END|>"
+
+
+def test_remaining_fence_drops_the_example():
+    assert P.postprocess(ex("log", "```python\nx = 1\n```\n<|APPEND|>a.txt|x<|END|>")) == (None, "fence_remaining")
+    # an earlier turn may keep a fence that holds no op: only the last turn is held to the rule
+    out, why = P.postprocess(ex("log", "```\nplain\n```\n<|READ|>a.txt<|END|>", "<|APPEND|>a.txt|y<|END|>"))
+    assert why == "ok" and "```" in out["messages"][1]["content"]
+
+
+def test_bad_alternation_is_dropped():
+    good = ex("log", "<|READ|>a.txt<|END|>")["messages"]
+    for msgs in ([], good[:1], good[::-1], [good[0], good[0], good[1]], good + [good[0]],
+                 [{"role": "system", "content": "s"}] + good, [{"role": "user", "content": None}, good[1]]):
+        assert P.postprocess({"phase": "log", "messages": msgs}) == (None, "bad_alternation")
+    assert P.postprocess({"phase": "act", "messages": good}) == (None, "unknown_phase")
+
+
+def test_log_turn_with_an_action_is_dropped():
+    assert P.postprocess(ex("log", "<|ACTION|>Noop<|END|> <|APPEND|>a.txt|x<|END|>")) == (None, "action_in_log_turn")
+
+
+def test_verify_is_clean_on_postprocess_output_and_flags_bad_examples(run_dir):
+    crafted = [ex("log", "```\n<|APPEND|>a.txt|x<|END|>\n<|DONE|>\n```"), ex("plan", PLAN_MIXED),
+               ex("log", "<|SEARCH|>a.txt|x<|END|> trailing"), ex("plan", "<|READ|>a.txt<|END|>")]
+    kept, dropped = P.postprocess_all(crafted + P.extract_candidates(run_dir))
+    assert len(kept) >= len(crafted) and dropped
+    assert P.verify(kept) == []
+    assert all(c["messages"][-1]["content"].endswith(("<|END|>", "<|DONE|>")) for c in kept)
+    bad = {
+        "fence": ex("log", "```\n<|APPEND|>a.txt|x<|END|>\n```"),
+        "ACTION": ex("plan", "<|READ|>a.txt<|END|><|ACTION|>Noop<|END|>"),
+        "after the last op": ex("log", "<|APPEND|>a.txt|x<|END|> and so on"),
+        "no memory op": ex("log", "<|DONE|>"),
+        "alternation": {"id": "alt", "phase": "log", "messages": [{"role": "assistant", "content": "<|DONE|>"}]},
+    }
+    for what, example in bad.items():
+        problems = P.verify([example])
+        assert problems and any(what in p for p in problems), (what, problems)
+
+
+# ----------------------------------------------------------------------------- judging
+
+class StubJudge:
+    def __init__(self, reply_fn):
+        self.reply_fn, self.calls = reply_fn, []
+
+    def judge(self, batch):
+        self.calls.append([c["id"] for c in batch])
+        return self.reply_fn(batch)
+
+
+def _cands(n):
+    return [{"id": f"c{i}", "phase": "log", "messages": []} for i in range(n)]
+
+
+def test_judge_reply_missing_an_id_rejects_it_and_never_accepts_by_default():
+    def reply(batch):
+        out = [{"id": c["id"], "decision": "ACCEPT", "reason": "fine"} for c in batch[1:]]  # drops the first id
+        out.append({"id": "stranger", "decision": "accept", "reason": "not asked"})
+        if any(c["id"] == "c3" for c in batch):
+            out.append({"id": "c3", "decision": "reject", "reason": "changed my mind"})
+        if any(c["id"] == "c4" for c in batch):
+            out = [d if d["id"] != "c4" else {**d, "decision": "maybe"} for d in out]
+        return out
+    judge = StubJudge(reply)
+    got = P.judge_candidates(_cands(5), judge, batch_size=3)
+    assert judge.calls == [["c0", "c1", "c2"], ["c3", "c4"]]
+    assert [d["id"] for d in got] == [f"c{i}" for i in range(5)]
+    d = {x["id"]: x for x in got}
+    assert d["c0"]["decision"] == "reject" and d["c0"]["reason"] == "no decision"
+    assert d["c3"]["decision"] == "reject" and d["c3"]["reason"] == "changed my mind"  # answered late, still counts
+    assert d["c4"]["decision"] == "reject" and "invalid decision" in d["c4"]["reason"]
+    assert d["c1"]["decision"] == d["c2"]["decision"] == "accept"
+    conflicting = StubJudge(lambda b: [{"id": "c0", "decision": "accept"}, {"id": "c0", "decision": "reject"}])
+    assert P.judge_candidates(_cands(1), conflicting)[0]["decision"] == "reject"
+    with pytest.raises(P.JudgeError, match="list"):
+        P.judge_candidates(_cands(2), StubJudge(lambda b: {"c0": "accept"}))
+
+
+class FakeChat:
+    def __init__(self, *replies):
+        self.replies, self.seen = list(replies), []
+
+    def chat(self, messages):
+        self.seen.append(messages)
+        return type("Reply", (), {"content": self.replies.pop(0)})()
+
+
+def test_llm_judge_reads_a_fenced_json_reply():
+    batch = [{"id": "craftax/T/ep0/s1/log", "phase": "log", "step": 1, "reward": 0.0,
+              "messages": [{"role": "user", "content": "obs " * 5000},
+                           {"role": "assistant", "content": "<|APPEND|>a.txt|x<|END|>"}]}]
+    chat = FakeChat('Here you go:\n```json\n[{"id": "craftax/T/ep0/s1/log", "decision": "accept", '
+                    '"reason": "new fact"}]\n```')
+    judge = P.LLMJudge(chat, max_chars_per_candidate=2000)
+    assert judge.judge(batch) == [{"id": "craftax/T/ep0/s1/log", "decision": "accept", "reason": "new fact"}]
+    prompt = chat.seen[0][-1]["content"]
+    assert "craftax/T/ep0/s1/log" in prompt and "<|APPEND|>a.txt|x<|END|>" in prompt
+    assert len(prompt) < len(P.DEFAULT_JUDGE_INSTRUCTIONS) + 2500  # the long prompt was clipped
+
+
+def test_llm_judge_shows_observation_memory_and_replies_within_bounds(run_dir):
+    cands = [c for c in P.extract_candidates(run_dir) if c["step"] == 1]
+    chat = FakeChat(json.dumps([{"id": c["id"], "decision": "reject", "reason": "meh"} for c in cands]))
+    got = P.judge_candidates(cands, P.LLMJudge(chat, max_chars_per_candidate=3000))
+    assert [d["decision"] for d in got] == ["reject"] * len(cands)
+    prompt = chat.seen[0][0]["content"]
+    assert len(prompt) < len(P.DEFAULT_JUDGE_INSTRUCTIONS) + len(cands) * 3300
+    for c in cands:
+        assert c["id"] in prompt and c["observation"].splitlines()[0] in prompt
+        assert all(m["content"] in prompt for m in c["messages"][1::2])  # short replies are shown whole
+    assert "previous action (its outcome is what LOG records)" in prompt
+
+
+def test_llm_judge_retries_once_with_the_parse_error_then_rejects_all():
+    batch = _cands(2)
+    chat = FakeChat("[{'id': c0}", '[{"id": "c0", "decision": "accept", "reason": "ok"}, '
+                    '{"id": "c1", "decision": "reject", "reason": "dup"}]')
+    got = P.judge_candidates(batch, P.LLMJudge(chat))
+    assert [d["decision"] for d in got] == ["accept", "reject"] and len(chat.seen) == 2
+    assert chat.seen[1][-2]["content"] == "[{'id': c0}" and "could not be used" in chat.seen[1][-1]["content"]
+    chat = FakeChat("no idea", "still {not json")
+    got = P.judge_candidates(batch, P.LLMJudge(chat))
+    assert len(chat.seen) == 2
+    assert all(d["decision"] == "reject" and d["source"] == "judge_error" and "unusable" in d["reason"] for d in got)
+
+
+# ----------------------------------------------------------------------------- dataset and loop
+
+def accept_odd_steps(batch):
+    return [{"id": c["id"], "decision": "accept" if c["step"] % 2 else "reject", "reason": "parity"} for c in batch]
+
+
+def _read(path):
+    return [json.loads(x) for x in open(path)]
+
+
+def test_build_iteration_dataset_writes_the_folder_and_resumes(run_dir, tmp_path):
+    out = str(tmp_path / "ds")
+    judge = StubJudge(accept_odd_steps)
+    stats = P.build_iteration_dataset(run_dir, out, judge, min_examples=1, version=7, batch_size=4)
+    assert sorted(os.listdir(out)) == ["DONE", "judge_cache", "review_decisions.jsonl", "selected.jsonl",
+                                       "selection_stats.json"]
+    cands = P.extract_candidates(run_dir)
+    rows = _read(os.path.join(out, "review_decisions.jsonl"))
+    assert [r["id"] for r in rows] == [c["id"] for c in cands]  # every candidate has a decision
+    assert all(set(r) >= {"episode", "step", "phase", "decision", "reason"} for r in rows)
+    pp = [r for r in rows if r["stage"] == "postprocess"]
+    assert pp and all(r["decision"] == "reject" for r in pp)
+    assert {r["reason"] for r in pp} >= {"action_only", "no_memory_op_after_cut", "no_op_in_last_turn"}
+    selected = _read(os.path.join(out, "selected.jsonl"))
+    assert selected and P.verify(selected) == []
+    for s in selected:  # rows are what the SFT data builder reads
+        assert validate_conversation(s["conversations"], s["id"]) == s["conversations"]
+        assert s["meta"]["phase"] in ("log", "plan") and s["conversations"][-1]["role"] == "assistant"
+    judged = [r for r in rows if r["stage"] == "judge"]
+    assert sum(len(c) for c in judge.calls) == len(judged)
+    assert {s["id"] for s in selected} == {r["id"] for r in judged if r["decision"] == "accept"}
+    assert all(s["meta"]["step"] % 2 == 1 for s in selected)
+    assert stats["selected"] == len(selected) and stats["candidates"] == len(cands) and stats["violations"] == 0
+    assert stats["version"] == 7 and sum(stats["by_decision"].values()) == len(cands)
+    assert stats["by_phase"]["log"]["candidates"] + stats["by_phase"]["plan"]["candidates"] == len(cands)
+    assert stats == json.load(open(os.path.join(out, "selection_stats.json")))
+
+    def boom(batch):
+        raise AssertionError("a finished dataset must not be judged again")
+    assert P.build_iteration_dataset(run_dir, out, StubJudge(boom), min_examples=1, version=7) == stats
+
+
+def test_too_few_examples_raise_but_keep_the_judged_work(run_dir, tmp_path):
+    out = str(tmp_path / "ds")
+    judge = StubJudge(accept_odd_steps)
+    with pytest.raises(P.NotEnoughExamples) as e:
+        P.build_iteration_dataset(run_dir, out, judge, min_examples=10_000)
+    assert e.value.min_examples == 10_000 and e.value.selected == e.value.stats["selected"] > 0
+    assert not os.path.exists(os.path.join(out, "DONE"))
+    assert json.load(open(os.path.join(out, "selection_stats.json")))["status"] == "not_enough_examples"
+    # the re-run reuses the cached verdicts: the judge is not asked again
+    again = StubJudge(accept_odd_steps)
+    stats = P.build_iteration_dataset(run_dir, out, again, min_examples=10_000, allow_fewer=True)
+    assert again.calls == [] and stats["selected"] == e.value.selected
+    assert os.path.exists(os.path.join(out, "DONE"))
+
+
+def test_top_pct_keeps_the_best_episodes(run_dir, tmp_path):
+    cands = P.extract_candidates(run_dir)
+    fake = [dict(c, episode_progression=0.5 if c["episode"] == 1 else 0.1) for c in cands]
+    kept, dropped = P.filter_top_episodes(fake, 50)
+    assert {c["episode"] for c in kept} == {1} and {c["episode"] for c in dropped} == {0}
+    assert P.filter_top_episodes(fake, 100) == (fake, [])
+    stats = P.build_iteration_dataset(run_dir, str(tmp_path / "ds"), StubJudge(accept_odd_steps),
+                                      min_examples=0, top_pct=50)
+    assert stats["by_stage"]["filter"]["reject"] == len(cands) // 2
+
+
+def test_run_loop2_writes_ledger_rows_and_resumes_without_redoing_units(run_dir, tmp_path):
+    workdir = str(tmp_path / "work")
+    calls = {"train": [], "eval": []}
+
+    def train_fn(dataset_dir, out_dir, it):
+        calls["train"].append(it)
+        n = len(open(os.path.join(dataset_dir, "selected.jsonl")).readlines())
+        ckpt = os.path.join(out_dir, "ckpt.txt")
+        open(ckpt, "w").write(f"trained on {n}")
+        return {"checkpoint": ckpt, "first_loss": 2.0, "final_loss": 1.0 - 0.1 * it, "steps": 5, "examples": n}
+
+    fail_eval_at = {1}
+
+    def eval_fn(train_result, eval_dir, it):
+        calls["eval"].append(it)
+        if it in fail_eval_at:
+            fail_eval_at.clear()
+            raise RuntimeError("eval crashed")
+        assert open(train_result["checkpoint"]).read().startswith("trained on")
+        folder = os.path.join(eval_dir, "traces", "craftax", "Craftax-Classic")
+        os.makedirs(folder)
+        eps = []
+        for k, prog in enumerate([0.1, 0.3]):
+            ep = {"env": "craftax", "task": "Craftax-Classic", "seed": 42 + k, "episode_idx": k, "num_steps": 4,
+                  "episode_return": prog * 10, "progression": prog, "end_reason": "max_steps",
+                  "input_tokens": 10, "output_tokens": 2,
+                  "hygiene": {"ops": 4, "writes": 2, "redundant_writes": 1, "searches": 2, "empty_searches": 0,
+                              "invalid_actions": 0, "context_tokens_per_step": 100.0}}
+            json.dump(ep, open(os.path.join(folder, f"ep_{k}.json"), "w"))
+            open(os.path.join(folder, f"ep_{k}.jsonl"), "w").close()
+            eps.append(ep)
+        return summarize(eps)
+
+    kw = dict(workdir=workdir, traces_dir=run_dir, judge=StubJudge(accept_odd_steps), train_fn=train_fn,
+              eval_fn=eval_fn, iterations=2, min_examples=1, reuse_dataset=True)
+    with pytest.raises(RuntimeError, match="eval crashed"):
+        P.run_loop2(**kw)
+    assert calls == {"train": [0, 1], "eval": [0, 1]} and len(P.read_ledger(workdir)) == 1
+    rows = P.run_loop2(**kw)  # iteration 0 is in the ledger; iteration 1 only needs its eval
+    assert calls == {"train": [0, 1], "eval": [0, 1, 1]}
+    assert [r["iteration"] for r in rows] == [0, 1] and P.read_ledger(workdir) == rows
+    assert sorted(os.listdir(os.path.join(workdir, "datasets"))) == ["0"]  # reused by iteration 1
+    r0, r1 = rows
+    assert r0["dataset_dir"] == r1["dataset_dir"]
+    assert r1["dataset_reused_from"] == 0 and r0["dataset_reused_from"] is None
+    assert r0["n_examples"] == r0["train"]["examples"] > 0
+    assert r0["train"]["first_loss"] == 2.0 and r1["train"]["final_loss"] == pytest.approx(0.9)
+    assert r0["progression_mean"] == pytest.approx(20.0) and r0["progression_se"] == pytest.approx(10.0)
+    assert [e["progression"] for e in r0["per_episode"]] == [0.1, 0.3]
+    assert r0["hygiene"]["redundant_write_rate"] == 0.5 and r0["hygiene"]["ops_per_step"] == 1.0
+    assert r0["hygiene"]["context_tokens_per_step"] == 100.0 and r0["hygiene"]["empty_search_rate"] == 0.0
+    assert set(r0["counts"]) >= {"by_phase", "by_decision"} and r0["seconds"]["train"] is not None
+    assert r1["seconds"]["train"] is None  # loaded from its DONE marker
+
+    assert P.run_loop2(**kw) == rows and calls == {"train": [0, 1], "eval": [0, 1, 1]}
+    more = P.run_loop2(**{**kw, "iterations": 1, "start_iteration": 2, "reuse_dataset": False})
+    assert calls["train"][-1] == 2 and more[0]["dataset_dir"].endswith(os.path.join("datasets", "2"))
+    assert [r["iteration"] for r in P.read_ledger(workdir)] == [0, 1, 2]
+
+
+def _turn(role, prompt, response, ops=(), error=None):
+    return {"phase": "plan", "model_role": role, "prompt": prompt, "response": response, "ops": list(ops),
+            "tool_results": "", "committed_action": None, "error": error}
+
+
+def _write_run(root, lines_by_episode, finished=(0,)):
+    folder = os.path.join(root, "traces", "nethack", "NetHackChallenge-v0")
+    os.makedirs(folder)
+    for k, lines in lines_by_episode.items():
+        with open(os.path.join(folder, f"ep_{k}.jsonl"), "w") as f:
+            f.writelines(json.dumps(ln) + "\n" for ln in lines)
+        if k in finished:
+            json.dump({"seed": 9, "episode_return": 1.5, "progression": 0.25},
+                      open(os.path.join(folder, f"ep_{k}.json"), "w"))
+    return root
+
+
+def test_two_model_consultation_stops_at_the_gameplay_model_and_at_errors(tmp_path):
+    search = {"op": "SEARCH", "args": ["map.txt", "stairs"], "text": "[No lines matching 'stairs']", "ok": True}
+    plan = {"initial_prompt": "p0", "turns": [
+        _turn("memory", "p0", "<|SEARCH|>map.txt|stairs<|END|>", [search]),
+        _turn("memory", "results", "Nothing. <|ACTION|>search<|END|>"),
+        _turn("gameplay", "Now commit your action.", "<|ACTION|>far east<|END|>")]}
+    append = {"op": "APPEND", "args": ["notes.txt", "door east"], "text": "[Appended]", "ok": True}
+    log = {"initial_prompt": "l0", "turns": [
+        {**_turn("memory", "l0", "<|APPEND|>notes.txt|door east<|END|>", [append]), "phase": "log"},
+        {**_turn("memory", "more", "", error="timeout"), "phase": "log"}]}
+    lines = [{"step": 0, "reward": 0.0, "progression": 0.0, "log": {"turns": []}, "plan": plan,
+              "memory_snapshot": {"notes.txt": "door east"}},
+             {"step": 1, "reward": 1.0, "progression": 0.25, "log": log,
+              "plan": {"turns": [_turn("memory", "x", "", error="boom")]},  # first call failed: nothing to mine
+              "memory_snapshot": {"notes.txt": "door east\ndoor east"}}]
+    run = _write_run(str(tmp_path / "run"), {0: lines, 1: lines}, finished=(0,))  # episode 1 is unfinished
+    cands = _by_id(P.extract_candidates(run))
+    assert sorted(cands) == ["nethack/NetHackChallenge-v0/ep0/s0/plan", "nethack/NetHackChallenge-v0/ep0/s1/log"]
+    p0 = cands["nethack/NetHackChallenge-v0/ep0/s0/plan"]
+    assert [m["content"] for m in p0["messages"]] == ["p0", "<|SEARCH|>map.txt|stairs<|END|>", "results",
+                                                     "Nothing. <|ACTION|>search<|END|>"]
+    assert p0["empty_searches"] == 1 and p0["seed"] == 9 and p0["episode_progression"] == 0.25
+    l1 = cands["nethack/NetHackChallenge-v0/ep0/s1/log"]
+    assert len(l1["messages"]) == 2 and l1["redundant_writes"] == 1  # "door east" was already stored
+    assert l1["reward"] == 1.0 and l1["progression_delta"] == 0.25
+    # the traces folder itself is accepted as well as the run folder
+    assert _by_id(P.extract_candidates(os.path.join(run, "traces"))).keys() == cands.keys()
+
+
+def test_dataset_on_gcs(run_dir, gcs_emulator):
+    from automem_jax import storage
+    out = f"{gcs_emulator}/loop2/datasets/0"
+    stats = P.build_iteration_dataset(run_dir, out, StubJudge(accept_odd_steps), min_examples=1)
+    assert storage.exists(f"{out}/DONE") and stats["selected"] > 0
+    rows = [json.loads(x) for x in storage.read_text(f"{out}/selected.jsonl").splitlines()]
+    assert len(rows) == stats["selected"] and P.verify(rows) == []
+    assert P.build_iteration_dataset(run_dir, out, StubJudge(lambda b: 1 / 0), min_examples=1) == stats
