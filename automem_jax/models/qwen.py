@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from automem_jax.models.lora import add_lora
 from automem_jax.parallel.mesh import constrain
 
 # --------------------------------------------------------------------------------------------
@@ -311,9 +312,11 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps, cfg, stack)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps, cfg, stack)
 
-    def _proj(self, x, kernel, bias, names):
+    def _proj(self, x, kernel, bias, names, lora=None):
         dt = self.cfg.compute_dtype
         y = jnp.einsum("bth,hnd->btnd", x, kernel[...].astype(dt))
+        if lora is not None:  # LoRA delta when `lora.apply_lora` added an adapter here
+            y = add_lora(self, lora, x, y)
         if bias is not None:
             y = y + bias[...].astype(dt)
         return constrain(y, names)
@@ -325,9 +328,9 @@ class Attention(nnx.Module):
         key slot s is visible to a query at slot q iff s <= q and kv_mask[b, s].
         """
         cfg = self.cfg
-        q = self._proj(x, self.q_kernel, getattr(self, "q_bias", None), ("batch", "length", "act_heads", "head_dim"))
-        k = self._proj(x, self.k_kernel, getattr(self, "k_bias", None), ("batch", "length", "act_kv_heads", "head_dim"))
-        v = self._proj(x, self.v_kernel, getattr(self, "v_bias", None), ("batch", "length", "act_kv_heads", "head_dim"))
+        q = self._proj(x, self.q_kernel, getattr(self, "q_bias", None), ("batch", "length", "act_heads", "head_dim"), "q")
+        k = self._proj(x, self.k_kernel, getattr(self, "k_bias", None), ("batch", "length", "act_kv_heads", "head_dim"), "k")
+        v = self._proj(x, self.v_kernel, getattr(self, "v_bias", None), ("batch", "length", "act_kv_heads", "head_dim"), "v")
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -360,7 +363,7 @@ class Attention(nnx.Module):
                                     q_slots[:, lo:hi]))
             out = jnp.concatenate(outs, axis=1)
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
-        y = jnp.einsum("btnd,ndh->bth", out, self.o_kernel[...].astype(out.dtype))
+        y = add_lora(self, "o", out, jnp.einsum("btnd,ndh->bth", out, self.o_kernel[...].astype(out.dtype)))
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(y.dtype)
         return constrain(y, ("batch", "length", "act_embed")), new_kv
@@ -389,10 +392,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = x.dtype
-        g = x @ self.gate_kernel[...].astype(dt)
-        u = x @ self.up_kernel[...].astype(dt)
+        g = add_lora(self, "gate", x, x @ self.gate_kernel[...].astype(dt))  # add_lora: no-op without adapters
+        u = add_lora(self, "up", x, x @ self.up_kernel[...].astype(dt))
         h = constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"))
-        return constrain(h @ self.down_kernel[...].astype(dt), ("batch", "length", "act_embed"))
+        return constrain(add_lora(self, "down", h, h @ self.down_kernel[...].astype(dt)), ("batch", "length", "act_embed"))
 
 
 class DecoderLayer(nnx.Module):

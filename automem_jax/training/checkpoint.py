@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -85,6 +86,7 @@ class Checkpointer:
                 log.error("checkpoint %s could not be restored (%s); trying an older one",
                           self.directory, msg)
                 errors.append(msg)
+                self._quarantine(step)
                 continue
             if errors:
                 log.warning("restored step %d of %s after skipping damaged step(s): %s", step,
@@ -93,6 +95,17 @@ class Checkpointer:
         if errors:
             raise CheckpointError(f"{self.directory}: no checkpoint could be restored: " + "; ".join(errors))
         return None
+
+    def _quarantine(self, step: int) -> None:
+        """Move a damaged step out of the way (kept for inspection) so the step can be re-saved."""
+        src = storage.join(self.directory, str(step))
+        if storage.is_gcs(self.directory):
+            self._mgr.delete(step)  # no rename on GCS; the step is unreadable anyway
+        else:
+            dst = f"{src}.damaged-{int(time.time())}"
+            os.rename(src, dst)
+            log.error("moved damaged checkpoint step %d to %s", step, dst)
+        self._mgr.reload()
 
     def close(self) -> None:
         self._mgr.close()

@@ -305,7 +305,7 @@ class Trainer:
             (gsum, lsum, _), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32), 0), batch)
             n = jnp.maximum(jnp.sum(batch["tgt_w"]), 1.0)
             grads = jax.tree.map(lambda g: g / n, gsum)
-            gnorm = optax.global_norm(grads)
+            gnorm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             return params, opt_state, {"loss": lsum / n, "grad_norm": gnorm, "targets": n}

@@ -1,0 +1,712 @@
+"""Run report: one Markdown page plus PNG plots, built from whatever a workdir already holds.
+
+    python -m automem_jax.report runs/tiny            # writes runs/tiny/report/index.md
+    python -m automem_jax.report gs://bucket/runs/crafter
+
+Every input is optional. A run that stopped half-way (or a workdir copied without some folders)
+still gets a report: each missing piece becomes one line that names the file it would have read.
+All reads and writes go through ``automem_jax.storage`` so local folders and gs:// behave the same.
+
+Inputs (paths relative to the workdir):
+  config.json                               run config essentials and phase order
+  phases/<name>/result.json, DONE           tokens and seconds per phase, finish times
+  eval/baseline/summary.json                the starting structure on the eval seeds
+  eval/final/summary.json                   the finished system on the eval seeds
+  structures/archive.jsonl                  Loop-1 candidates
+  structures/candidates/<id>/eval/summary.json
+  ledger.jsonl                              Loop-2 iterations
+  loop2/<i>/eval/summary.json | eval_summary.json
+  bootstrap/train/train_log.jsonl, loop2/<i>/train/train_log.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import io
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+from automem_jax import storage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_report", "summary_metrics", "main"]
+
+HYGIENE_KEYS = ("redundant_write_rate", "empty_search_rate", "ops_per_step", "context_tokens_per_step")
+HYGIENE_LABELS = {
+    "redundant_write_rate": "redundant-write rate",
+    "empty_search_rate": "empty-search rate",
+    "ops_per_step": "memory ops / step",
+    "context_tokens_per_step": "context tokens / step",
+    "invalid_action_rate": "invalid-action rate",
+}
+# Rates are fractions in the summaries; the report shows them as percentages.
+RATE_KEYS = {"redundant_write_rate", "empty_search_rate", "invalid_action_rate"}
+STATUS_COLOURS = {"accepted": "tab:green", "rejected": "tab:red", "invalid": "tab:gray", "error": "tab:gray"}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading (never raises for a missing or malformed file: returns None and a reason)
+# --------------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads workdir files, remembering which ones were missing or unreadable for the report."""
+
+    def __init__(self, workdir: str):
+        self.workdir = str(workdir)
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.workdir, *parts)
+
+    def text(self, *parts: str) -> tuple[str | None, str]:
+        p = self.path(*parts)
+        try:
+            return storage.read_text(p), ""
+        except FileNotFoundError:
+            return None, f"`{'/'.join(parts)}` not found"
+        except Exception as e:  # a permission or network error must not stop the report
+            return None, f"`{'/'.join(parts)}` unreadable ({type(e).__name__}: {e})"
+
+    def json(self, *parts: str) -> tuple[dict | None, str]:
+        text, why = self.text(*parts)
+        if text is None:
+            return None, why
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            return None, f"`{'/'.join(parts)}` is not valid JSON ({e})"
+        if not isinstance(value, dict):
+            return None, f"`{'/'.join(parts)}` holds a {type(value).__name__}, expected an object"
+        return value, ""
+
+    def jsonl(self, *parts: str) -> tuple[list[dict] | None, str]:
+        """Rows of a JSONL file; malformed lines (e.g. a torn last line) are skipped and counted."""
+        text, why = self.text(*parts)
+        if text is None:
+            return None, why
+        rows, bad = [], 0
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+        return rows, (f"{bad} malformed line(s) skipped in `{'/'.join(parts)}`" if bad else "")
+
+    def listdir(self, *parts: str) -> list[str]:
+        try:
+            return storage.listdir(self.path(*parts))
+        except Exception as e:
+            log.warning("report: cannot list %s: %s", self.path(*parts), e)
+            return []
+
+    def candidate_summary(self, row: Mapping) -> tuple[dict | None, str]:
+        """A Loop-1 candidate's eval summary: the archive's run_dir, else structures/candidates/<id>/eval.
+
+        The recorded run_dir is an absolute path, which breaks when a workdir is copied (gs:// to a
+        laptop), so the folder relative to this workdir is the fallback.
+        """
+        run_dir = row.get("run_dir")
+        if isinstance(run_dir, str) and run_dir:
+            try:
+                return json.loads(storage.read_text(storage.join(run_dir, "summary.json"))), ""
+            except Exception:
+                pass
+        return self.eval_summary("structures", "candidates", str(row.get("id")), "eval")
+
+    def eval_summary(self, *parts: str) -> tuple[dict | None, str]:
+        """A Runner summary in folder `parts`: summary.json, else Loop 2's eval_summary.json."""
+        s, why = self.json(*parts, "summary.json")
+        if s is None:
+            s2, _ = self.json(*parts, "eval_summary.json")
+            if s2 is not None:
+                return s2, ""
+        return s, why
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------------
+
+
+def _num(x) -> float | None:
+    """A finite float, or None for anything else (missing, null, NaN, a string)."""
+    if isinstance(x, bool):
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def summary_metrics(summary: Mapping) -> dict[str, float | None]:
+    """Headline numbers of a Runner summary.json: progression (%) ± SE (%), hygiene, invalid actions.
+
+    Rates are pooled over env steps across tasks (a task with more steps weighs more), the way the
+    summary itself pools them across episodes. A summary that already carries a flat ``hygiene``
+    mapping (a Loop-2 ledger style entry) is used as is.
+    """
+    out: dict[str, float | None] = {
+        "progression": _num(summary.get("average_progress")),
+        "progression_se": _num(summary.get("standard_error")),
+    }
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for tasks in (summary.get("environments") or {}).values():
+        if not isinstance(tasks, Mapping):
+            continue
+        for t in tasks.values():
+            if not isinstance(t, Mapping):
+                continue
+            w = _num(t.get("steps")) or 1.0
+            values = dict(t.get("hygiene") or {})
+            values["invalid_action_rate"] = t.get("invalid_action_rate")
+            for k in HYGIENE_KEYS + ("invalid_action_rate",):
+                v = _num(values.get(k))
+                if v is not None:
+                    sums[k] = sums.get(k, 0.0) + w * v
+                    weights[k] = weights.get(k, 0.0) + w
+    flat = summary.get("hygiene") if isinstance(summary.get("hygiene"), Mapping) else {}
+    for k in HYGIENE_KEYS + ("invalid_action_rate",):
+        if k in weights and weights[k] > 0:
+            out[k] = sums[k] / weights[k]
+        else:
+            out[k] = _num(flat.get(k)) if flat else None
+    return out
+
+
+def _fmt(key: str, v: float | None) -> str:
+    if v is None:
+        return "–"
+    if key in RATE_KEYS:
+        return f"{100 * v:.1f}%"
+    if key == "context_tokens_per_step":
+        return f"{v:.0f}"
+    return f"{v:.2f}"
+
+
+def _fmt_pm(m: float | None, se: float | None) -> str:
+    if m is None:
+        return "–"
+    return f"{m:.2f} ± {se:.2f}" if se is not None else f"{m:.2f}"
+
+
+def _fmt_change(key: str, before: float | None, after: float | None) -> str:
+    if before is None or after is None:
+        return "–"
+    d = after - before
+    if key in RATE_KEYS:
+        text = f"{100 * d:+.1f} pt"
+    elif key == "context_tokens_per_step":
+        text = f"{d:+.0f}"
+    else:
+        text = f"{d:+.2f}"
+    if before != 0:
+        text += f" ({100 * d / abs(before):+.0f}%)"
+    return text
+
+
+def _cell(x, limit: int = 120) -> str:
+    """Table-safe text: one line, no pipes, bounded length."""
+    s = " ".join(str(x if x is not None else "").split())
+    s = s.replace("|", "\\|")
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _missing(what: str, why: str) -> str:
+    return f"_{what} skipped: {why}._"
+
+
+# --------------------------------------------------------------------------------------------
+# Plots (matplotlib's object API with the Agg canvas: no pyplot state, safe in any process)
+# --------------------------------------------------------------------------------------------
+
+
+class _Plots:
+    def __init__(self, reader: _Reader, enabled: bool):
+        self.reader = reader
+        self.enabled = enabled
+        self.written: list[str] = []
+        self.problem = ""
+        if enabled:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError as e:
+                self.enabled, self.problem = False, f"matplotlib is not installed ({e})"
+        else:
+            self.problem = "plots are off (config report.plots = False)"
+
+    def save(self, name: str, draw: Callable, figsize=(7.0, 4.0)) -> str:
+        """Draws into a new figure, writes report/<name>; returns a Markdown image line or a note."""
+        if not self.enabled:
+            return f"_(plot `{name}` not drawn: {self.problem})_"
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        try:
+            fig = Figure(figsize=figsize, dpi=100)
+            FigureCanvasAgg(fig)
+            draw(fig)
+            fig.tight_layout()
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png")
+            storage.write_bytes(self.reader.path("report", name), buf.getvalue())
+        except Exception as e:  # a plot is decoration: its failure is reported, not raised
+            log.warning("report: plot %s failed: %s", name, e)
+            return f"_(plot `{name}` failed: {type(e).__name__}: {e})_"
+        self.written.append(name)
+        return f"![{name}]({name})"
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def _phase_names(reader: _Reader, config: Mapping | None) -> list[str]:
+    """Phase order from config.json's comma-separated `phases`, then any other phase folders found."""
+    listed = []
+    if config and isinstance(config.get("phases"), str):
+        listed = [p.strip() for p in config["phases"].split(",") if p.strip()]
+    found = reader.listdir("phases")
+    return listed + [p for p in found if p not in listed]
+
+
+def _header(reader: _Reader, config: Mapping | None, config_why: str) -> list[str]:
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    out = ["# AutoMem run report", "", f"- workdir: `{reader.workdir}`", f"- generated: {now}"]
+    if config is None:
+        out += ["", _missing("Run configuration", config_why)]
+        return out
+    model = config.get("model") or {}
+    env = config.get("env") or {}
+    ev = config.get("eval") or {}
+    mesh = config.get("mesh") or {}
+    rows = [
+        ("model preset", model.get("preset")),
+        ("model checkpoint", model.get("checkpoint") or "(random init from the preset)"),
+        ("dtype / param dtype", f"{model.get('dtype', '?')} / {model.get('param_dtype', '?')}"),
+        ("mesh", ", ".join(f"{k}={mesh[k]}" for k in ("data", "fsdp", "tensor") if k in mesh) or None),
+        ("environment", env.get("name")),
+        ("max steps / episode", env.get("max_steps")),
+        ("eval seeds", ev.get("seeds")),
+        ("critic", (config.get("critic") or {}).get("kind")),
+        ("phases", config.get("phases")),
+    ]
+    out += [""] + _table(["setting", "value"], [(k, v) for k, v in rows if v not in (None, "")])
+    return out
+
+
+def _phase_times(reader: _Reader, config: Mapping | None) -> tuple[list[str], list[tuple[str, dict]]]:
+    """Per-phase finish time (DONE holds a timestamp) and result.json; returns lines and results."""
+    names = _phase_names(reader, config)
+    results, rows = [], []
+    for name in names:
+        res, _ = reader.json("phases", name, "result.json")
+        done, _ = reader.text("phases", name, "DONE")
+        if res is None and done is None:
+            rows.append((name, "not run", "–", "–"))
+            continue
+        results.append((name, res or {}))
+        seconds = _num((res or {}).get("seconds"))
+        rows.append((name, "done" if done is not None else "started",
+                     (done or "").strip() or (res or {}).get("finished", "–"),
+                     f"{seconds:.0f}" if seconds is not None else "–"))
+    if not names:
+        return ["## Phases", "", _missing("Phase list", "no `phases/` folder and no `phases` in config.json")], []
+    return ["## Phases", ""] + _table(["phase", "state", "finished (UTC)", "seconds"], rows), results
+
+
+def _tokens(plots: _Plots, results: list[tuple[str, dict]]) -> list[str]:
+    out = ["## Tokens per phase", ""]
+    rows = [(n, _num(r.get("tokens_in")), _num(r.get("tokens_out")), _num(r.get("seconds"))) for n, r in results]
+    rows = [r for r in rows if r[1] is not None or r[2] is not None]
+    if not rows:
+        return out + [_missing("Token counts", "no `phases/<name>/result.json` carries `tokens_in` / `tokens_out`")]
+    out += _table(["phase", "tokens in", "tokens out", "seconds"],
+                  [(n, f"{ti or 0:,.0f}", f"{to or 0:,.0f}", f"{s:.0f}" if s is not None else "–")
+                   for n, ti, to, s in rows])
+
+    def draw(fig):
+        ax = fig.subplots()
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r[1] or 0 for r in rows], width=0.4, label="tokens in")
+        ax.bar([x + 0.2 for x in xs], [r[2] or 0 for r in rows], width=0.4, label="tokens out")
+        ax.set_xticks(list(xs), [r[0] for r in rows], rotation=30, ha="right")
+        ax.set_ylabel("tokens")
+        ax.set_title("Tokens per phase")
+        ax.legend()
+
+    return out + ["", plots.save("tokens.png", draw)]
+
+
+def _loop1(reader: _Reader, plots: _Plots, baseline: dict | None) -> list[str]:
+    out = ["## Loop 1: memory structure revisions", ""]
+    rows, why = reader.jsonl("structures", "archive.jsonl")
+    if rows is None:
+        return out + [_missing("Loop-1 progression", why)]
+    if why:
+        out += [f"_{why}._", ""]
+    base_m = baseline["progression"] if baseline else None
+    base_se = baseline["progression_se"] if baseline else None
+
+    cands = []
+    for r in rows:
+        if r.get("kind") == "baseline":
+            if base_m is None:  # no eval/baseline summary: the archive's record of the start is the baseline
+                metric = r.get("metric") if isinstance(r.get("metric"), Mapping) else {}
+                base_m, base_se = _num(metric.get("average_progress")), _num(metric.get("standard_error"))
+            continue
+        metric = r.get("metric") if isinstance(r.get("metric"), Mapping) else {}
+        cands.append({
+            "id": r.get("id", "?"), "revision": _num(r.get("revision")), "attempt": r.get("attempt"),
+            "kind": r.get("kind", ""), "status": str(r.get("status", "?")),
+            "version": r.get("version"), "m": _num(metric.get("average_progress")),
+            "se": _num(metric.get("standard_error")),
+            "reason": r.get("decision_reason") or "",
+            "diff": [str(d) for d in (r.get("diff") or [])] if isinstance(r.get("diff"), list) else
+                    [str(r.get("diff"))] if r.get("diff") else [],
+        })
+
+    def diff_head(c):
+        lines = [d for d in c["diff"] if d.strip()][:2]
+        more = len(c["diff"]) - 2
+        return "; ".join(lines) + (f" (+{more} more)" if more > 0 else "") if lines else ""
+
+    if base_m is None:
+        out += ["_No baseline progression (`eval/baseline/summary.json` or the archive's baseline row); the "
+                "best-so-far line starts at the first accepted candidate._", ""]
+    table_rows = []
+    if base_m is not None:
+        table_rows.append(("baseline", "–", "–", "start", _fmt_pm(base_m, base_se), "", ""))
+    for c in cands:
+        rev = "–" if c["revision"] is None else f"{c['revision']:g}"
+        table_rows.append((c["id"], rev, c["kind"], c["status"], _fmt_pm(c["m"], c["se"]), c["reason"], diff_head(c)))
+    out += _table(["candidate", "revision", "kind", "status", "progression % ± SE", "reason", "diff (first lines)"],
+                  table_rows)
+
+    # Best so far after each revision: the baseline, then every accepted candidate's metric.
+    best, best_line = base_m, []
+    revisions = sorted({c["revision"] for c in cands if c["revision"] is not None})
+    if base_m is not None:
+        best_line.append((0.0, base_m))
+    for rev in revisions:
+        for c in cands:
+            if c["revision"] == rev and c["status"] == "accepted" and c["m"] is not None:
+                best = c["m"] if best is None else max(best, c["m"])
+        if best is not None:
+            best_line.append((rev, best))
+    accepted = [c for c in cands if c["status"] == "accepted"]
+    out += ["", f"{len(cands)} candidate(s), {len(accepted)} accepted"
+            + (f"; best progression {best:.2f}%" if best is not None else "") + "."]
+
+    plotted = [c for c in cands if c["m"] is not None and c["revision"] is not None]
+    if not plotted and base_m is None:
+        return out + ["", "_No evaluated candidate to plot._"]
+
+    def draw(fig):
+        ax = fig.subplots()
+        if base_m is not None:
+            ax.errorbar([0], [base_m], yerr=[base_se or 0], fmt="s", color="tab:blue", capsize=3, label="baseline")
+        # Spread the candidates of one revision a little so their error bars do not overlap.
+        by_rev: dict[float, list[dict]] = {}
+        for c in plotted:
+            by_rev.setdefault(c["revision"], []).append(c)
+        labelled = set()
+        for rev, cs in by_rev.items():
+            for j, c in enumerate(cs):
+                x = rev + (j - (len(cs) - 1) / 2) * 0.12
+                colour = STATUS_COLOURS.get(c["status"], "tab:orange")
+                label = c["status"] if c["status"] not in labelled else None
+                labelled.add(c["status"])
+                ax.errorbar([x], [c["m"]], yerr=[c["se"] or 0], fmt="o", color=colour, capsize=3, label=label)
+        if best_line:
+            ax.step([p[0] for p in best_line], [p[1] for p in best_line], where="post", color="black",
+                    linestyle="--", label="best so far")
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # revisions are whole numbers
+        ax.set_xlabel("Loop-1 revision (0 = start structure)")
+        ax.set_ylabel("progression (%)")
+        ax.set_title("Loop 1: progression per candidate (mean ± SE)")
+        ax.legend(fontsize="small")
+
+    return out + ["", plots.save("loop1_progression.png", draw)]
+
+
+def _loop2(reader: _Reader, plots: _Plots, baseline: dict | None) -> tuple[list[str], list[dict]]:
+    out = ["## Loop 2: memory-proficiency training", ""]
+    rows, why = reader.jsonl("ledger.jsonl")
+    if rows is None:
+        return out + [_missing("Loop-2 progression", why)], []
+    if why:
+        out += [f"_{why}._", ""]
+    rows = sorted(rows, key=lambda r: (_num(r.get("iteration")) is None, _num(r.get("iteration")) or 0))
+    table = []
+    if baseline and baseline["progression"] is not None:
+        table.append(("base", "–", "–", "–", _fmt_pm(baseline["progression"], baseline["progression_se"])))
+    for r in rows:
+        train = r.get("train") if isinstance(r.get("train"), Mapping) else {}
+        fl, ll = _num(train.get("first_loss")), _num(train.get("final_loss"))
+        table.append((r.get("iteration", "?"), r.get("n_examples", "–"), train.get("steps", "–"),
+                      f"{fl:.4f} → {ll:.4f}" if fl is not None and ll is not None else "–",
+                      _fmt_pm(_num(r.get("progression_mean")), _num(r.get("progression_se")))))
+    out += _table(["iteration", "examples", "train steps", "loss first → final", "progression % ± SE"], table)
+
+    points = []
+    if baseline and baseline["progression"] is not None:
+        points.append(("base", baseline["progression"], baseline["progression_se"]))
+    points += [(str(r.get("iteration", "?")), _num(r.get("progression_mean")), _num(r.get("progression_se")))
+               for r in rows if _num(r.get("progression_mean")) is not None]
+    if not points:
+        return out + ["", "_No evaluated iteration to plot._"], rows
+
+    def draw(fig):
+        ax = fig.subplots()
+        xs = list(range(len(points)))
+        ax.errorbar(xs, [p[1] for p in points], yerr=[p[2] or 0 for p in points], fmt="o-", capsize=3)
+        ax.set_xticks(xs, [p[0] for p in points])
+        ax.set_xlabel("Loop-2 iteration")
+        ax.set_ylabel("progression (%)")
+        ax.set_title("Loop 2: progression per iteration (mean ± SE)")
+
+    return out + ["", plots.save("loop2_progression.png", draw)], rows
+
+
+def _loop2_iterations(reader: _Reader, ledger: list[dict]) -> list[str]:
+    """Iteration folders under loop2/ plus iterations named in the ledger, in numeric order."""
+    names = set(reader.listdir("loop2")) | {str(r.get("iteration")) for r in ledger if r.get("iteration") is not None}
+    return sorted(names, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+
+
+def _hygiene(reader: _Reader, plots: _Plots, baseline: dict | None, final: dict | None,
+             ledger: list[dict]) -> list[str]:
+    out = ["## Memory hygiene", ""]
+    series: list[tuple[str, dict]] = []
+    notes = []
+    if baseline:
+        series.append(("baseline", baseline))
+    else:
+        notes.append("baseline (`eval/baseline/summary.json` not found)")
+    archive, _ = reader.jsonl("structures", "archive.jsonl")
+    for r in archive or []:
+        if r.get("status") != "accepted" or not r.get("id") or r.get("kind") == "baseline":
+            continue
+        s, _ = reader.candidate_summary(r)
+        label = f"L1 v{r['version']}" if r.get("version") is not None else f"L1 {r['id']}"
+        if s is not None:
+            series.append((label, summary_metrics(s)))
+        else:
+            notes.append(f"{label} (`structures/candidates/{r['id']}/eval/summary.json` not found)")
+    by_iter = {str(r.get("iteration")): r for r in ledger}
+    for it in _loop2_iterations(reader, ledger):
+        s, _ = reader.eval_summary("loop2", it, "eval")
+        if s is not None:
+            series.append((f"L2 it{it}", summary_metrics(s)))
+        elif isinstance((by_iter.get(it) or {}).get("hygiene"), Mapping):
+            series.append((f"L2 it{it}", summary_metrics({"hygiene": by_iter[it]["hygiene"]})))
+        else:
+            notes.append(f"Loop-2 iteration {it} (no eval summary)")
+    if final:
+        series.append(("final", final))
+    else:
+        notes.append("final (`eval/final/summary.json` not found)")
+    if notes:
+        out += ["_Not available: " + "; ".join(notes) + "._", ""]
+    series = [(n, m) for n, m in series if any(m.get(k) is not None for k in HYGIENE_KEYS)]
+    if not series:
+        return out + [_missing("Hygiene table", "no evaluation summary with hygiene metrics")]
+    out += _table(["evaluation"] + [HYGIENE_LABELS[k] for k in HYGIENE_KEYS],
+                  [[n] + [_fmt(k, m.get(k)) for k in HYGIENE_KEYS] for n, m in series])
+
+    def draw(fig):
+        axes = fig.subplots(2, 2).flat
+        labels = [n for n, _ in series]
+        for ax, k in zip(axes, HYGIENE_KEYS):
+            scale = 100.0 if k in RATE_KEYS else 1.0
+            ax.bar(range(len(series)), [(m.get(k) or 0.0) * scale for _, m in series], color="tab:purple")
+            ax.set_xticks(range(len(series)), labels, rotation=30, ha="right", fontsize="small")
+            ax.set_title(HYGIENE_LABELS[k] + (" (%)" if k in RATE_KEYS else ""), fontsize="medium")
+
+    return out + ["", plots.save("hygiene.png", draw, figsize=(9.0, 6.0))]
+
+
+def _losses(reader: _Reader, plots: _Plots, ledger: list[dict]) -> list[str]:
+    out = ["## Training loss", ""]
+    curves, missing = [], []
+    sources = [("bootstrap", ("bootstrap", "train"))]
+    sources += [(f"loop2 it{it}", ("loop2", it, "train")) for it in _loop2_iterations(reader, ledger)]
+    for label, folder in sources:
+        rows, _ = reader.jsonl(*folder, "train_log.jsonl")
+        pts = [(_num(r.get("step")), _num(r.get("loss"))) for r in rows or []]
+        pts = [(s, v) for s, v in pts if s is not None and v is not None]
+        if pts:
+            tps = [_num(r.get("tokens_per_s")) for r in rows]
+            tps = [t for t in tps if t is not None]
+            mfu = [_num(r.get("mfu")) for r in rows]
+            mfu = [m for m in mfu if m is not None]
+            curves.append((label, pts, sum(tps) / len(tps) if tps else None, sum(mfu) / len(mfu) if mfu else None))
+        else:
+            missing.append(f"`{'/'.join(folder)}/train_log.jsonl`")
+    if not curves:
+        return out + [_missing("Loss curves", "no training log found (looked for " + ", ".join(missing) + ")")]
+    out += _table(["run", "steps", "first loss", "final loss", "mean tokens/s", "mean MFU"],
+                  [(n, len(p), f"{p[0][1]:.4f}", f"{p[-1][1]:.4f}", f"{t:,.0f}" if t is not None else "–",
+                    f"{100 * m:.1f}%" if m is not None else "–") for n, p, t, m in curves])
+
+    def draw(fig):
+        ax = fig.subplots()
+        for label, pts, _, _ in curves:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None, label=label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title("Training loss")
+        ax.legend(fontsize="small")
+
+    return out + ["", plots.save("train_loss.png", draw)]
+
+
+def _final(baseline: dict | None, final: dict | None, base_raw: dict | None, final_raw: dict | None,
+           base_why: str, final_why: str) -> list[str]:
+    out = ["## Final system against the baseline", ""]
+    if baseline is None or final is None:
+        why = "; ".join(w for w in (base_why if baseline is None else "", final_why if final is None else "") if w)
+        return out + [_missing("Final comparison", why)]
+    keys = ["progression"] + list(HYGIENE_KEYS) + ["invalid_action_rate"]
+    rows = [("progression % ± SE", _fmt_pm(baseline["progression"], baseline["progression_se"]),
+             _fmt_pm(final["progression"], final["progression_se"]),
+             _fmt_change("progression", baseline["progression"], final["progression"]))]
+    rows += [(HYGIENE_LABELS[k], _fmt(k, baseline.get(k)), _fmt(k, final.get(k)),
+              _fmt_change(k, baseline.get(k), final.get(k))) for k in keys[1:]]
+    out += _table(["metric", "baseline", "final", "change"], rows)
+    b, f = baseline.get("redundant_write_rate"), final.get("redundant_write_rate")
+    if b is not None and f is not None:
+        rel = f" ({100 * (f - b) / b:+.0f}% relative)" if b else ""
+        out += ["", f"Redundant memory writes went from {100 * b:.1f}% of writes at baseline to {100 * f:.1f}% "
+                f"in the final system{rel}."]
+    else:
+        out += ["", "_Redundant-write rate not recorded in one of the two summaries._"]
+    # Per-task rows matter for MiniHack (8 tasks); one task adds nothing to the table above.
+    tasks = _per_task(base_raw or {}), _per_task(final_raw or {})
+    names = sorted(set(tasks[0]) | set(tasks[1]))
+    if len(names) > 1:
+        out += ["", "Per task (progression % ± SE):", ""]
+        out += _table(["task", "baseline", "final"],
+                      [(n, _fmt_pm(*tasks[0].get(n, (None, None))), _fmt_pm(*tasks[1].get(n, (None, None))))
+                       for n in names])
+    return out
+
+
+def _per_task(summary: Mapping) -> dict[str, tuple[float | None, float | None]]:
+    out = {}
+    for env, tasks in (summary.get("environments") or {}).items():
+        if isinstance(tasks, Mapping):
+            for task, t in tasks.items():
+                if isinstance(t, Mapping):
+                    out[f"{env}/{task}"] = (_num(t.get("progression_percentage")), _num(t.get("standard_error")))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def build_report(workdir: str, plots: bool | None = None) -> str:
+    """Writes ``<workdir>/report/index.md`` (and PNGs next to it); returns the index path.
+
+    ``plots=None`` follows config.json's ``report.plots`` (default on). Missing inputs are
+    named in the report, never raised; only a failure to write the report itself raises.
+    """
+    reader = _Reader(workdir)
+    config, config_why = reader.json("config.json")
+    if plots is None:
+        plots = bool(((config or {}).get("report") or {}).get("plots", True))
+    pl = _Plots(reader, plots)
+
+    base_raw, base_why = reader.eval_summary("eval", "baseline")
+    if base_raw is None:
+        archive, _ = reader.jsonl("structures", "archive.jsonl")
+        start = next((r for r in archive or [] if r.get("kind") == "baseline"), None)
+        if start is not None:
+            base_raw, _ = reader.candidate_summary(start)
+    final_raw, final_why = reader.eval_summary("eval", "final")
+    baseline = summary_metrics(base_raw) if base_raw is not None else None
+    final = summary_metrics(final_raw) if final_raw is not None else None
+
+    lines = _header(reader, config, config_why) + [""]
+    ledger: list[dict] = []
+
+    def section(build: Callable[[], list[str]], title: str) -> None:
+        # One broken section (an unexpected value in some file) must not cost the rest of the report.
+        try:
+            lines.extend(build())
+        except Exception as e:
+            log.exception("report: section %r failed", title)
+            lines.extend([f"## {title}", "", f"_Section failed: {type(e).__name__}: {e}._"])
+        lines.append("")
+
+    section(lambda: _final(baseline, final, base_raw, final_raw, base_why, final_why), "Final system against the baseline")
+    section(lambda: _loop1(reader, pl, baseline), "Loop 1: memory structure revisions")
+
+    def loop2() -> list[str]:
+        text, rows = _loop2(reader, pl, baseline)
+        ledger.extend(rows)
+        return text
+
+    section(loop2, "Loop 2: memory-proficiency training")
+    section(lambda: _hygiene(reader, pl, baseline, final, ledger), "Memory hygiene")
+    section(lambda: _losses(reader, pl, ledger), "Training loss")
+    phase_results: list[tuple[str, dict]] = []
+
+    def phases() -> list[str]:
+        text, results = _phase_times(reader, config)
+        phase_results.extend(results)
+        return text
+
+    section(phases, "Phases")
+    section(lambda: _tokens(pl, phase_results), "Tokens per phase")
+
+    index = reader.path("report", "index.md")
+    storage.write_text(index, "\n".join(lines).rstrip() + "\n")
+    log.info("report: %s (%d plot(s))", index, len(pl.written))
+    return index
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m automem_jax.report",
+                                 description="Build report/index.md (+ PNG plots) for a run folder (local or gs://).")
+    ap.add_argument("workdir", help="the run folder given to launch.tpu_run --workdir")
+    ap.add_argument("--no_plots", action="store_true", help="tables only, no PNGs")
+    args = ap.parse_args(argv)
+    try:
+        if not storage.exists(args.workdir):
+            print(f"error: workdir {args.workdir!r} does not exist", file=sys.stderr)
+            return 2
+        print(build_report(args.workdir, plots=False if args.no_plots else None))
+    except Exception as e:  # e.g. no write permission on the bucket
+        print(f"error: could not write the report for {args.workdir!r}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    sys.exit(main())

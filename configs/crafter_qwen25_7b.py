@@ -1,0 +1,44 @@
+"""Crafter with Qwen2.5-7B-Instruct on one host: one 80 GB GPU, or a TPU v4-8 / v5e-8 host.
+
+    python -m launch.tpu_run --config=configs/crafter_qwen25_7b.py --workdir=runs/crafter_7b \
+        --config.model.checkpoint=/models/Qwen2.5-7B-Instruct --config.tokenizer=/models/Qwen2.5-7B-Instruct
+
+The same protocol as configs/crafter_qwen25_32b.py (seeds, loop sizes, critic, LoRA recipe and
+effective batch); only the model, the mesh and the memory-bound sizes change. The MiniHack and
+NetHack 7B configs apply the same changes to their 32B configs.
+"""
+
+from configs import crafter_qwen25_32b as pod
+
+# Sized for the smallest target, one GPU: fsdp=-1 then resolves to 1. On a v4-8 (4 chips) or
+# v5e-8 (8 chips) host the same mesh shards weights, optimizer state and batch over the chips.
+TARGET_DEVICES = 1
+
+CHECKPOINT = "gs://YOUR_BUCKET/models/Qwen2.5-7B-Instruct"  # or a local HF folder; replace the placeholder
+
+# Per-device micro-batch of 16k-token examples that fits one 80 GB GPU next to the 14 GiB of bf16
+# weights (full remat). On a v4-8 / v5e-8 host set batch_size to the chip count and divide grad_accum.
+MICRO_BATCH = 2
+
+
+def to_7b(c, effective_batch: int):
+    """Turns a 32B pod config into its one-host 7B twin, keeping the effective batch."""
+    c.model.preset = "qwen2.5-7b"  # 28 layers, hidden 3584, 28/4 heads
+    c.model.checkpoint = CHECKPOINT
+    c.tokenizer = CHECKPOINT  # Qwen2.5's own chat template
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # every device shards parameters; 28 heads / 4 KV heads rule out tensor=8
+    c.mesh.tensor = 1
+    c.mesh.multi_host = False  # one host
+    # KV cache: 56 KiB per token, so 8 slots x 32k = 14 GiB per engine; the two-model eval holds two
+    # engines (specialist + base) and two copies of the weights: ~57 GiB on one 80 GB GPU.
+    c.env.num_envs = 4  # slots for 2 x 4 = 8 cached LOG/PLAN prefixes
+    c.inference.max_batch = 8
+    c.loop2.train.batch_size = MICRO_BATCH
+    c.loop2.train.grad_accum = effective_batch // MICRO_BATCH  # same effective batch as upstream
+    return c
+
+
+def get_config():
+    # Upstream crafter effective batch: 2 x 8 x 2 GPUs = 32.
+    return to_7b(pod.get_config(), effective_batch=32)

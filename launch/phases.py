@@ -1,0 +1,541 @@
+"""The phases of the main job, composed from the library. `launch/tpu_run.py` runs them in order.
+
+    bootstrap* -> baseline -> loop1 -> collect -> loop2 -> final_eval -> export -> report
+
+Every phase writes `phases/<name>/result.json` + `DONE` when it ends; inside a phase each unit of
+work (an episode, a Loop-1 candidate, a Loop-2 dataset / training step / evaluation) leaves its own
+record in the workdir, so the same command resumes after a crash or a preemption without redoing
+finished units. (*bootstrap: the tiny config only.)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+
+from automem_jax import storage
+
+log = logging.getLogger("automem_jax")
+
+PHASE_ORDER = ("bootstrap", "baseline", "loop1", "collect", "loop2", "final_eval", "export", "report",
+               "model_smoke", "rollout_smoke")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+def parse_seeds(text: str) -> list[int]:
+    """'42-45' or '42,43,50-52' -> a list of ints (order kept)."""
+    out: list[int] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            if sep:
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise ValueError
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"seed list {text!r}: {part!r} is not an integer or an a-b range") from None
+    if not out:
+        raise ValueError(f"seed list {text!r} is empty")
+    return out
+
+
+def collect_seeds(n: int, seed_base: int, exclude) -> list[int]:
+    """Upstream's training seeds: random.seed(999); randint(1000, 99999), minus the eval seeds."""
+    rng = random.Random(seed_base)
+    exclude, out = set(exclude), []
+    while len(out) < n:
+        s = rng.randint(1000, 99999)
+        if s not in exclude and s not in out:
+            out.append(s)
+    return out
+
+
+def env_names(cfg) -> list[str]:
+    return [e.strip() for e in cfg.env.name.split(",") if e.strip()]
+
+
+def train_config(section):
+    from automem_jax.training.trainer import TrainConfig
+    d = section.to_dict()
+    d["remat"] = d.get("remat") or None
+    return TrainConfig.from_dict(d)
+
+
+def data_config(section):
+    from automem_jax.training.data import DataConfig
+    return DataConfig.from_dict(section.to_dict())
+
+
+def load_structure(cfg):
+    from automem_jax.memory.structure import MemoryStructure
+    if cfg.env.structure:
+        text = storage.read_text(cfg.env.structure)
+        fmt = "json" if cfg.env.structure.endswith(".json") else "yaml"
+        return MemoryStructure.from_text(text, fmt)
+    return MemoryStructure.default(cfg.env.structure_name)
+
+
+def copy_folder(src: str, dst: str) -> list[str]:
+    """File-by-file copy between any two local / gs:// folders (flat HF and PEFT folders)."""
+    names = [n for n in storage.listdir(src) if not n.endswith("/")]
+    for n in names:
+        storage.write_bytes(storage.join(dst, n), storage.read_bytes(storage.join(src, n)))
+    return names
+
+
+def is_writer() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
+def _read_json(path: str):
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+
+
+def _unit_done(path: str) -> bool:
+    return storage.exists(storage.join(path, "DONE"))
+
+
+def _mark_unit(path: str, info: dict | None = None) -> None:
+    if is_writer():
+        if info is not None:
+            storage.write_text(storage.join(path, "info.json"), json.dumps(info, indent=2, sort_keys=True) + "\n")
+        storage.write_text(storage.join(path, "DONE"), time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: model, engines and evaluation shared by the phases
+
+class Run:
+    def __init__(self, cfg, workdir: str):
+        self.cfg, self.workdir = cfg, workdir
+        self._tok = None
+        self._mesh = None
+        self._engines: dict[str, object] = {}
+        self.tokens_in = 0
+        self.tokens_out = 0
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.workdir, *parts)
+
+    @property
+    def tok(self):
+        if self._tok is None:
+            from automem_jax.models.tokenizer import load_tokenizer
+            self._tok = load_tokenizer(self.cfg.tokenizer or None)
+        return self._tok
+
+    @property
+    def mesh(self):
+        if self._mesh is None:
+            from automem_jax.parallel.mesh import make_mesh
+            self._mesh = make_mesh(self.cfg.mesh.to_dict())
+        return self._mesh
+
+    def runtime(self) -> dict:
+        m = self.cfg.model
+        return dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat)
+
+    # -- models ------------------------------------------------------------------------------------
+    def base_source(self) -> str:
+        """The HF folder of the gameplay/base policy ("" = the random preset)."""
+        if self.cfg.bootstrap.enabled:
+            src = self.path("bootstrap", "model")
+            if not _unit_done(src):
+                raise RuntimeError(f"bootstrap is enabled but {src} is not finished; run the bootstrap phase "
+                                   "first (it is part of the default phase list)")
+            return src
+        return self.cfg.model.checkpoint
+
+    def load_model(self, source: str):
+        from automem_jax.models import hf, qwen
+        if source:
+            return hf.load_pretrained(source, mesh=self.mesh, **self.runtime())
+        mcfg = qwen.preset(self.cfg.model.preset, **self.runtime())
+        return qwen.init_model(mcfg, seed=self.cfg.seed, mesh=self.mesh), mcfg
+
+    def engine(self, source: str):
+        """One cached Engine per model source; older ones are dropped to bound memory."""
+        if source not in self._engines:
+            from automem_jax.llm.engine import Engine
+            keep = {self.base_source() if source != "teacher" else None}
+            for k in [k for k in self._engines if k not in keep]:
+                del self._engines[k]
+            model, _ = self.load_model(source)
+            inf = self.cfg.inference
+            self._engines[source] = Engine(model, self.tok, max_batch=inf.max_batch, max_len=inf.max_len,
+                                           mesh=self.mesh, seed=self.cfg.seed,
+                                           model_name=source or self.cfg.model.preset)
+        return self._engines[source]
+
+    def client(self, source: str):
+        from automem_jax.llm.client import EngineClient
+        inf = self.cfg.inference
+        return EngineClient(self.engine(source), temperature=inf.temperature, top_p=inf.top_p,
+                            max_tokens=inf.max_tokens)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def play(self, client, structure, run_dir: str, seeds: list[int], *, max_steps: int | None = None,
+             two_model: bool = False) -> dict:
+        """Every configured env on the given seeds into run_dir; returns the combined summary."""
+        from automem_jax.rollout.runner import Runner
+        inf = self.cfg.inference
+        runs = []
+        for name in env_names(self.cfg):
+            runner = Runner(client, structure, run_dir, name, num_envs=self.cfg.env.num_envs,
+                            max_steps=max_steps or self.cfg.env.max_steps, two_model=two_model,
+                            env_kwargs=self.env_kwargs(name),
+                            max_requests_per_call=inf.max_requests_per_call or None)
+            runs.append(runner.run(seeds).get("run", {}))
+        summary = combined_summary(run_dir)
+        summary["runs"] = runs
+        self.tokens_in += summary.get("input_tokens", 0)
+        self.tokens_out += summary.get("output_tokens", 0)
+        if is_writer():
+            from automem_jax.rollout.traces import dumps_pretty
+            storage.write_text(storage.join(run_dir, "summary.json"), dumps_pretty(summary))
+        return summary
+
+    def env_kwargs(self, name: str) -> dict:
+        extra = self.cfg.env.get("levels_path", "") if name.startswith("minihack:Boxoban") else ""
+        return {"levels_path": extra} if extra else {}
+
+    def evaluate(self, structure, run_dir: str, seeds: list[int], specialist: str | None = None) -> dict:
+        base = self.base_source()
+        if specialist is None:
+            return self.play(self.client(base), structure, run_dir, seeds)
+        from automem_jax.llm.client import RouterClient
+        router = RouterClient(memory=self.client(specialist), gameplay=self.client(base))
+        return self.play(router, structure, run_dir, seeds, two_model=True)
+
+
+def combined_summary(run_dir: str) -> dict:
+    """summarize() over every finished episode under run_dir/traces (all envs and tasks)."""
+    from automem_jax.rollout.traces import summarize
+    eps = []
+    root = storage.join(run_dir, "traces")
+    if storage.exists(root) or storage.is_gcs(root):
+        for env in _subdirs(root):
+            for task in _subdirs(storage.join(root, env)):
+                folder = storage.join(root, env, task)
+                for name in sorted(storage.listdir(folder)):
+                    if name.startswith("ep_") and name.endswith(".json"):
+                        eps.append(json.loads(storage.read_text(storage.join(folder, name))))
+    return summarize(eps)
+
+
+def _subdirs(path: str) -> list[str]:
+    try:
+        return sorted(n.rstrip("/") for n in storage.listdir(path) if n.endswith("/") or
+                      (not storage.is_gcs(path) and os.path.isdir(os.path.join(path, n))))
+    except FileNotFoundError:
+        return []
+
+
+def _progress_line(name: str, s: dict) -> str:
+    hyg = _hygiene(s)
+    return (f"{name}: progression {s['average_progress']:.2f}% ± {s['standard_error']:.2f}% over "
+            f"{s['episodes']} episodes; redundant writes {hyg.get('redundant_write_rate', 0):.1%}, "
+            f"empty searches {hyg.get('empty_search_rate', 0):.1%}, ops/step {hyg.get('ops_per_step', 0):.2f}")
+
+
+def _hygiene(summary: dict) -> dict:
+    """Step-weighted hygiene over every env/task of a summary."""
+    keys = ("redundant_write_rate", "empty_search_rate", "ops_per_step", "context_tokens_per_step")
+    tot, acc = 0, {k: 0.0 for k in keys}
+    for tasks in summary.get("environments", {}).values():
+        for t in tasks.values():
+            w = t.get("steps", 1)
+            tot += w
+            for k in keys:
+                acc[k] += w * t.get("hygiene", {}).get(k, 0.0)
+    return {k: v / max(tot, 1) for k, v in acc.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+
+def phase_bootstrap(run: Run) -> dict:
+    """Scripted teacher episodes -> SFT dataset -> full fine-tune of the random tiny model -> HF folder."""
+    cfg = run.cfg
+    b = cfg.bootstrap
+    if not b.enabled:
+        return {"skipped": "bootstrap.enabled is False"}
+    from automem_jax.loops.teacher import TeacherClient, teacher_examples
+    from automem_jax.models import hf
+    from automem_jax.training.data import SFTDataset, build_dataset
+    from automem_jax.training.trainer import Trainer
+
+    structure = load_structure(cfg)
+    teacher = TeacherClient(seed=cfg.seed, redundant_write_rate=b.redundant_write_rate,
+                            useless_read_rate=b.useless_read_rate, tokenizer=run.tok)
+    traces = run.path("bootstrap", "teacher")
+    summary = run.play(teacher, structure, traces, parse_seeds(b.seeds), max_steps=b.max_steps)
+    log.info(_progress_line("bootstrap teacher", summary))
+
+    data_dir = run.path("bootstrap", "dataset")
+    if _unit_done(data_dir):
+        ds = SFTDataset.load(data_dir, run.tok)
+    else:
+        ds = build_dataset(teacher_examples(traces), run.tok, data_config(b.data), source=traces)
+        if is_writer():
+            ds.save(data_dir)
+        _mark_unit(data_dir, ds.manifest)
+    log.info("bootstrap dataset: %d examples, %d target tokens", len(ds), ds.manifest.get("target_tokens", 0))
+
+    model_dir = run.path("bootstrap", "model")
+    if not _unit_done(model_dir):
+        model, mcfg = run.load_model(cfg.model.checkpoint)
+        res = Trainer(model, mcfg, train_config(b.train), run.path("bootstrap", "train"), mesh=run.mesh).fit(ds)
+        if is_writer():
+            hf.save_pretrained(res.model, mcfg, model_dir, tokenizer=run.tok)
+        _mark_unit(model_dir, res.summary())
+        log.info("bootstrap training: loss %.3f -> %.3f over %d steps; policy saved to %s",
+                 res.first_loss, res.final_loss, res.steps, model_dir)
+    info = _read_json(storage.join(model_dir, "info.json")) or {}
+    return {"teacher_summary": storage.join(traces, "summary.json"),
+            "teacher_progression": summary["average_progress"], "teacher_hygiene": _hygiene(summary),
+            "examples": len(ds), "model": model_dir, "train": info}
+
+
+def phase_baseline(run: Run) -> dict:
+    """The base policy with the start structure on the fixed eval seeds."""
+    structure = load_structure(run.cfg)
+    out = run.path("eval", "baseline")
+    s = run.evaluate(structure, out, parse_seeds(run.cfg.eval.seeds))
+    log.info(_progress_line("baseline", s))
+    if is_writer():
+        storage.write_text(run.path("structures", "v0.yaml"), structure.to_yaml())
+    return {"summary": storage.join(out, "summary.json"), "average_progress": s["average_progress"],
+            "standard_error": s["standard_error"], "hygiene": _hygiene(s)}
+
+
+def make_critic(cfg):
+    from automem_jax.critic import make_critic as build
+    c = cfg.critic
+    if c.kind == "heuristic":
+        return build({"kind": "heuristic", "seed": cfg.seed})
+    spec = {"kind": c.kind, "base_url": c.base_url, "model": c.model, "api_key_env": c.api_key_env or None,
+            "timeout_s": c.timeout_s, "max_retries": c.max_retries, "max_tokens": c.max_tokens,
+            "use_tools": c.use_tools, "max_turns": c.max_turns}
+    return build(spec)
+
+
+def loop1_config(cfg):
+    from automem_jax.loops.structure import Loop1Config
+    l1 = cfg.loop1
+    return Loop1Config(revisions=l1.revisions, fresh_attempts=l1.fresh_attempts,
+                       continuation_retries=l1.continuation_retries, accept=l1.accept,
+                       bootstrap_confidence=l1.bootstrap_confidence)
+
+
+def best_structure(run: Run):
+    """The newest accepted Loop-1 structure, or the start structure when Loop 1 has not run."""
+    from automem_jax.memory.structure import MemoryStructure
+    best = _read_json(run.path("structures", "best.json"))
+    if best and best.get("path"):
+        return MemoryStructure.from_text(storage.read_text(best["path"]))
+    if best and best.get("version") is not None:
+        p = run.path("structures", f"v{best['version']}.yaml")
+        if storage.exists(p):
+            return MemoryStructure.from_text(storage.read_text(p))
+    return load_structure(run.cfg)
+
+
+def phase_loop1(run: Run) -> dict:
+    """Critic revisions of the memory structure, kept only when progression on the eval seeds improves."""
+    from automem_jax.loops.structure import run_loop1
+    seeds = parse_seeds(run.cfg.eval.seeds)
+    baseline_dir = run.path("eval", "baseline")
+    baseline = _read_json(storage.join(baseline_dir, "summary.json"))
+    result = run_loop1(critic=make_critic(run.cfg), start=load_structure(run.cfg),
+                       evaluate=lambda structure, run_dir: run.evaluate(structure, run_dir, seeds),
+                       workdir=run.workdir, cfg=loop1_config(run.cfg), baseline_summary=baseline,
+                       baseline_run_dir=baseline_dir if baseline else None, log=log.info)
+    return {"best_version": result.best_version, "best_metric": result.best_metric,
+            "candidates": len(result.archive), "accepted": sum(r.get("status") == "accepted" for r in result.archive),
+            "tokens_in": run.tokens_in, "tokens_out": run.tokens_out}
+
+
+def phase_collect(run: Run) -> dict:
+    """Training traces: the best structure, the base policy, seeds disjoint from the eval seeds."""
+    c = run.cfg.collect
+    seeds = collect_seeds(c.episodes, c.seed_base, parse_seeds(run.cfg.eval.seeds))
+    out = run.path("traces_collect")
+    s = run.play(run.client(run.base_source()), best_structure(run), out, seeds, max_steps=c.max_steps)
+    log.info(_progress_line("collect", s))
+    return {"run_dir": out, "episodes": s["episodes"], "average_progress": s["average_progress"],
+            "hygiene": _hygiene(s), "seeds": seeds}
+
+
+def _judge(run: Run):
+    if run.cfg.loop2.judge == "heuristic" or run.cfg.critic.kind == "heuristic":
+        from automem_jax.critic import HeuristicCritic
+        return HeuristicCritic(seed=run.cfg.seed)
+    return make_critic(run.cfg)
+
+
+def phase_loop2(run: Run) -> dict:
+    """Mine good memory turns -> postprocess -> LoRA SFT -> two-model eval; one ledger row per iteration."""
+    from automem_jax.loops.proficiency import run_loop2
+    from automem_jax.models import hf, lora
+    from automem_jax.training.data import build_dataset
+    from automem_jax.training.trainer import Trainer
+
+    cfg = run.cfg
+    l2 = cfg.loop2
+    seeds = parse_seeds(cfg.eval.seeds)
+    structure = best_structure(run)
+    tcfg = train_config(l2.train)
+
+    def train_fn(dataset_dir: str, out_dir: str, iteration: int) -> dict:
+        rows = [json.loads(x) for x in storage.read_text(storage.join(dataset_dir, "selected.jsonl")).splitlines()
+                if x.strip()]
+        ds = build_dataset(rows, run.tok, data_config(l2.data), source=dataset_dir)
+        model, mcfg = run.load_model(run.base_source())
+        res = Trainer(model, mcfg, tcfg, out_dir, mesh=run.mesh, base_ref=run.base_source()).fit(
+            ds, log_fn=lambda r: log.info("loop2 iter %d step %d loss %.4f %.0f tok/s", iteration, r["step"],
+                                          r["loss"], r["tokens_per_s"]))
+        specialist = storage.join(out_dir, "specialist")
+        if is_writer():
+            if tcfg.mode == "lora":
+                hf.save_peft_adapter(res.model, mcfg, trainer_lora(tcfg), storage.join(out_dir, "peft"),
+                                     base_model_name_or_path=run.base_source() or cfg.model.preset)
+                merged = lora.merge_lora(res.model)
+            else:
+                merged = res.model
+            hf.save_pretrained(merged, mcfg, specialist, tokenizer=run.tok, dtype=cfg.export.dtype)
+        return {"checkpoint": specialist, "peft": storage.join(out_dir, "peft") if tcfg.mode == "lora" else "",
+                "first_loss": res.first_loss, "final_loss": res.final_loss, "steps": res.steps,
+                "examples": len(ds), "dir": out_dir, "manifest": ds.manifest}
+
+    def eval_fn(train_result: dict, run_dir: str, iteration: int) -> dict:
+        s = run.evaluate(structure, run_dir, seeds, specialist=train_result["checkpoint"])
+        log.info(_progress_line(f"loop2 iteration {iteration} (two-model)", s))
+        return s
+
+    rows = run_loop2(workdir=run.workdir, traces_dir=run.path("traces_collect"), judge=_judge(run),
+                     train_fn=train_fn, eval_fn=eval_fn, iterations=l2.iterations, min_examples=l2.min_examples,
+                     top_pct=l2.top_pct, reuse_dataset=l2.reuse_dataset)
+    return {"iterations": len(rows), "ledger": run.path("ledger.jsonl"),
+            "progression": [r.get("progression_mean") for r in rows],
+            "redundant_write_rate": [r.get("hygiene", {}).get("redundant_write_rate") for r in rows],
+            "tokens_in": run.tokens_in, "tokens_out": run.tokens_out}
+
+
+def trainer_lora(tcfg):
+    from automem_jax.models.lora import LoRAConfig
+    return LoRAConfig(rank=tcfg.lora_rank, alpha=tcfg.lora_alpha, dropout=tcfg.lora_dropout,
+                      targets=tcfg.lora_targets)
+
+
+def best_iteration(workdir: str) -> dict | None:
+    from automem_jax.loops.proficiency import read_ledger
+    rows = read_ledger(workdir)
+    if not rows:
+        return None
+    # Highest progression; ties go to the cleaner memory (fewer redundant writes).
+    return max(rows, key=lambda r: (r.get("progression_mean", 0.0),
+                                    -r.get("hygiene", {}).get("redundant_write_rate", 0.0)))
+
+
+def phase_final_eval(run: Run) -> dict:
+    """The final system (best structure + best specialist, two-model) against the baseline."""
+    cfg = run.cfg
+    seeds = parse_seeds(cfg.final_eval.seeds or cfg.eval.seeds)
+    same = seeds == parse_seeds(cfg.eval.seeds)
+    best = best_iteration(run.workdir)
+    out = run.path("eval", "final")
+    if best is None:
+        log.info("final eval: no Loop-2 iteration finished; evaluating the base policy with the best structure")
+        s = run.evaluate(best_structure(run), out, seeds)
+    elif same and best.get("eval", {}).get("run_dir"):
+        # The chosen iteration already ran on exactly these seeds: reuse, do not replay.
+        src = best["eval"]["run_dir"]
+        s = combined_summary(src)
+        s["reused_from"] = src
+        if is_writer():
+            from automem_jax.rollout.traces import dumps_pretty
+            storage.write_text(storage.join(out, "summary.json"), dumps_pretty(s))
+    else:
+        s = run.evaluate(best_structure(run), out, seeds, specialist=best["train"]["checkpoint"])
+    base_dir = run.path("eval", "baseline") if same else run.path("eval", "final_baseline")
+    base = _read_json(storage.join(base_dir, "summary.json"))
+    if base is None:
+        base = run.evaluate(load_structure(cfg), base_dir, seeds)
+    hb, hf_ = _hygiene(base), _hygiene(s)
+    log.info(_progress_line("final", s))
+    log.info("redundant-write rate: baseline %.1f%% -> final %.1f%%", 100 * hb["redundant_write_rate"],
+             100 * hf_["redundant_write_rate"])
+    return {"summary": storage.join(out, "summary.json"), "baseline_summary": storage.join(base_dir, "summary.json"),
+            "iteration": None if best is None else best["iteration"],
+            "final": {"average_progress": s["average_progress"], "standard_error": s["standard_error"], **hf_},
+            "baseline": {"average_progress": base["average_progress"], "standard_error": base["standard_error"],
+                         **hb},
+            "tokens_in": run.tokens_in, "tokens_out": run.tokens_out}
+
+
+def phase_export(run: Run) -> dict:
+    """export/hf: the memory specialist (merged) as a transformers folder; export/peft: its adapter."""
+    cfg = run.cfg
+    best = best_iteration(run.workdir)
+    out = run.path("export", "hf")
+    result = {"hf": out}
+    if best is None:
+        log.info("export: no Loop-2 iteration; exporting the base policy")
+        model, mcfg = run.load_model(run.base_source())
+        if is_writer():
+            from automem_jax.models import hf
+            hf.save_pretrained(model, mcfg, out, tokenizer=run.tok, dtype=cfg.export.dtype)
+    elif is_writer():
+        result["files"] = copy_folder(best["train"]["checkpoint"], out)
+        peft = best["train"].get("peft")
+        if cfg.export.peft and peft and storage.exists(storage.join(peft, "adapter_config.json")):
+            copy_folder(peft, run.path("export", "peft"))
+            result["peft"] = run.path("export", "peft")
+        result["iteration"] = best["iteration"]
+    if cfg.export.hub_repo_id and is_writer():
+        result["hub"] = upload_to_hub(out, cfg.export.hub_repo_id, cfg.export.hub_token_env, cfg.export.hub_private)
+    log.info("export: %s", out)
+    return result
+
+
+def upload_to_hub(folder: str, repo_id: str, token_env: str, private: bool) -> str:
+    token = os.environ.get(token_env or "")
+    if not token:
+        raise RuntimeError(f"export.hub_repo_id={repo_id!r} needs a Hub token in the environment variable "
+                           f"{token_env!r}, which is not set")
+    from huggingface_hub import HfApi
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = folder
+        if storage.is_gcs(folder):
+            local = tmp
+            for n in storage.listdir(folder):
+                storage.download_file(storage.join(folder, n), os.path.join(tmp, n))
+        api.upload_folder(folder_path=local, repo_id=repo_id, commit_message="automem_jax export")
+    return f"https://huggingface.co/{repo_id}"
+
+
+def phase_report(run: Run) -> dict:
+    from automem_jax.report import build_report
+    path = build_report(run.workdir) if is_writer() else ""
+    log.info("report: %s", path)
+    return {"report": path}
+
+
+PHASES = {
+    "bootstrap": phase_bootstrap, "baseline": phase_baseline, "loop1": phase_loop1, "collect": phase_collect,
+    "loop2": phase_loop2, "final_eval": phase_final_eval, "export": phase_export, "report": phase_report,
+}
