@@ -87,6 +87,7 @@ def get_config() -> ConfigDict:
     c.env.structure_name = "crafter_tiny"  # built-in default structure (memory/defaults/<name>.yaml)
     c.env.max_steps = 24  # env steps per episode (upstream Crafter: 2000)
     c.env.num_envs = 4  # episodes played at once
+    c.env.levels_path = ""  # MiniHack Boxoban levels folder (not downloadable offline; Boxoban tasks need it)
 
     c.inference = ConfigDict()
     c.inference.max_batch = 8  # engine KV-cache slots (2 x num_envs keeps LOG and PLAN prefixes)
@@ -101,13 +102,13 @@ def get_config() -> ConfigDict:
 
     c.bootstrap = ConfigDict()
     c.bootstrap.enabled = True  # scripted-teacher warm start (tiny config only)
-    c.bootstrap.seeds = "100-131"  # teacher episodes (disjoint from eval and collect seeds)
+    c.bootstrap.seeds = "100-115"  # teacher episodes (disjoint from eval and collect seeds)
     c.bootstrap.max_steps = 24
     c.bootstrap.redundant_write_rate = 0.3  # the teacher's deliberate bad habits
     c.bootstrap.useless_read_rate = 0.2
     c.bootstrap.data = data_config(cutoff_len=2048, bucket_multiple=64)
-    c.bootstrap.train = train_config(mode="full", learning_rate=2e-3, warmup_ratio=0.05, batch_size=8,
-                                     grad_accum=1, epochs=3.0, target_multiple=64)
+    c.bootstrap.train = train_config(mode="full", learning_rate=3e-3, warmup_ratio=0.05, batch_size=8,
+                                     grad_accum=1, epochs=2.0, target_multiple=256)
 
     c.critic = ConfigDict()
     c.critic.kind = "heuristic"  # heuristic (offline, rule-based) | openai (any OpenAI-compatible API)
@@ -140,7 +141,7 @@ def get_config() -> ConfigDict:
     c.loop2.reuse_dataset = False
     c.loop2.data = data_config(cutoff_len=2048, bucket_multiple=64)
     c.loop2.train = train_config(lora_rank=16, lora_alpha=32.0, learning_rate=2e-3, batch_size=8, grad_accum=1,
-                                 epochs=2.0)
+                                 epochs=2.0, target_multiple=256)
 
     c.final_eval = ConfigDict()
     c.final_eval.seeds = ""  # empty = eval.seeds (then finished evals are reused, not re-run)

@@ -132,7 +132,8 @@ class Run:
     def tok(self):
         if self._tok is None:
             from automem_jax.models.tokenizer import load_tokenizer
-            self._tok = load_tokenizer(self.cfg.tokenizer or None)
+            # Empty = the checkpoint's own tokenizer, or the offline Qwen3 one for a random preset.
+            self._tok = load_tokenizer(self.cfg.tokenizer or self.cfg.model.checkpoint or None)
         return self._tok
 
     @property
@@ -207,8 +208,8 @@ class Run:
         return summary
 
     def env_kwargs(self, name: str) -> dict:
-        extra = self.cfg.env.get("levels_path", "") if name.startswith("minihack:Boxoban") else ""
-        return {"levels_path": extra} if extra else {}
+        levels = self.cfg.env.levels_path if name.startswith("minihack:Boxoban") else ""
+        return {"boxoban_levels": levels} if levels else {}
 
     def evaluate(self, structure, run_dir: str, seeds: list[int], specialist: str | None = None) -> dict:
         base = self.base_source()
@@ -291,14 +292,13 @@ def phase_bootstrap(run: Run) -> dict:
         if is_writer():
             ds.save(data_dir)
         _mark_unit(data_dir, ds.manifest)
-    log.info("bootstrap dataset: %d examples, %d target tokens", len(ds), ds.manifest.get("target_tokens", 0))
+    log.info("bootstrap dataset: %d examples, %d target tokens", len(ds), ds.manifest.get("tokens", {}).get("target", 0))
 
     model_dir = run.path("bootstrap", "model")
     if not _unit_done(model_dir):
         model, mcfg = run.load_model(cfg.model.checkpoint)
         res = Trainer(model, mcfg, train_config(b.train), run.path("bootstrap", "train"), mesh=run.mesh).fit(ds)
-        if is_writer():
-            hf.save_pretrained(res.model, mcfg, model_dir, tokenizer=run.tok)
+        hf.save_pretrained(res.model, mcfg, model_dir, tokenizer=run.tok)  # every host gathers; host 0 writes
         _mark_unit(model_dir, res.summary())
         log.info("bootstrap training: loss %.3f -> %.3f over %d steps; policy saved to %s",
                  res.first_loss, res.final_loss, res.steps, model_dir)
@@ -407,17 +407,17 @@ def phase_loop2(run: Run) -> dict:
             ds, log_fn=lambda r: log.info("loop2 iter %d step %d loss %.4f %.0f tok/s", iteration, r["step"],
                                           r["loss"], r["tokens_per_s"]))
         specialist = storage.join(out_dir, "specialist")
-        if is_writer():
-            if tcfg.mode == "lora":
-                hf.save_peft_adapter(res.model, mcfg, trainer_lora(tcfg), storage.join(out_dir, "peft"),
-                                     base_model_name_or_path=run.base_source() or cfg.model.preset)
-                merged = lora.merge_lora(res.model)
-            else:
-                merged = res.model
-            hf.save_pretrained(merged, mcfg, specialist, tokenizer=run.tok, dtype=cfg.export.dtype)
+        # Every host joins the gathers inside these; only host 0 writes files.
+        if tcfg.mode == "lora":
+            hf.save_peft_adapter(res.model, mcfg, trainer_lora(tcfg), storage.join(out_dir, "peft"),
+                                 base_model_name_or_path=run.base_source() or cfg.model.preset)
+            merged = lora.merge_lora(res.model)
+        else:
+            merged = res.model
+        hf.save_pretrained(merged, mcfg, specialist, tokenizer=run.tok, dtype=cfg.export.dtype)
         return {"checkpoint": specialist, "peft": storage.join(out_dir, "peft") if tcfg.mode == "lora" else "",
                 "first_loss": res.first_loss, "final_loss": res.final_loss, "steps": res.steps,
-                "examples": len(ds), "dir": out_dir, "manifest": ds.manifest}
+                "examples": len(ds), "dir": out_dir, "manifest": ds.manifest, "resumed_from": res.resumed_from}
 
     def eval_fn(train_result: dict, run_dir: str, iteration: int) -> dict:
         s = run.evaluate(structure, run_dir, seeds, specialist=train_result["checkpoint"])
@@ -494,9 +494,8 @@ def phase_export(run: Run) -> dict:
     if best is None:
         log.info("export: no Loop-2 iteration; exporting the base policy")
         model, mcfg = run.load_model(run.base_source())
-        if is_writer():
-            from automem_jax.models import hf
-            hf.save_pretrained(model, mcfg, out, tokenizer=run.tok, dtype=cfg.export.dtype)
+        from automem_jax.models import hf
+        hf.save_pretrained(model, mcfg, out, tokenizer=run.tok, dtype=cfg.export.dtype)
     elif is_writer():
         result["files"] = copy_folder(best["train"]["checkpoint"], out)
         peft = best["train"].get("peft")

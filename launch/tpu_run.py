@@ -124,6 +124,9 @@ def main(argv) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # orbax logs every save through absl at INFO; keep one line per unit of work.
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
     cfg = _CONFIG.value
     phases = _resolve_phases(cfg)
     validate_config(cfg, phases)

@@ -136,6 +136,13 @@ def _phase_turns(phase_rec: dict, phase: str) -> list[dict]:
         if phase == "plan" and t.get("model_role") == ROLE_GAMEPLAY:
             break
         turns.append(t)
+    if phase == "plan":
+        # The consultation ends at the last turn with a memory op; a trailing action-only turn is
+        # gameplay, not memory skill (the "memory-consultation part of PLAN").
+        with_ops = [i for i, t in enumerate(turns)
+                    if any(o.get("op") not in ("ACTION", "DONE") for o in t.get("ops") or [])]
+        if with_ops:
+            turns = turns[:with_ops[-1] + 1]
     return turns
 
 

@@ -175,27 +175,61 @@ def device_peak_flops(tcfg: TrainConfig) -> float:
     return 0.0
 
 
-def target_positions(batch: dict, multiple: int) -> dict:
+def ladder(n: int, multiple: int) -> int:
+    """Round n up to multiple x {1, 2, 3, 4, 6, 8, 12, 16, ...}: few distinct shapes, < 50% padding."""
+    units = max(1, -(-int(n) // multiple))
+    k = 1
+    while True:
+        for m in (k, k + k // 2) if k >= 2 else (k,):
+            if m >= units:
+                return m * multiple
+        k *= 2
+
+
+def target_positions(batch: dict, multiple: int, flat: bool = False) -> dict:
     """Host-side gather plan for the next-token loss.
 
-    Hidden state at position p predicts token p+1; it counts when loss_mask[p+1]. Returns
-    positions/ids/weights [B, K] with K padded to `multiple` (padded entries weigh 0).
+    The hidden state at position p predicts token p+1 and counts when loss_mask[p+1]. Per row
+    ([B, K], K = the most targets in a row) keeps each gather inside its batch shard; `flat`
+    ([1, K] over the whole batch, positions offset by row) avoids projecting padding when the
+    batch is not sharded. K comes from a coarse ladder so few shapes compile; padding weighs 0.
     """
     ids, mask = batch["input_ids"], batch["loss_mask"]
     B, T = ids.shape
     want = mask[:, 1:]
-    counts = want.sum(axis=1)
-    K = max(multiple, int(math.ceil(max(int(counts.max(initial=0)), 1) / multiple) * multiple))
-    pos = np.zeros((B, K), np.int32)
-    tgt = np.zeros((B, K), np.int32)
-    w = np.zeros((B, K), np.float32)
-    for b in range(B):
-        p = np.nonzero(want[b])[0]
-        pos[b, :len(p)] = p
-        tgt[b, :len(p)] = ids[b, p + 1]
-        w[b, :len(p)] = 1.0
+    rows = [np.nonzero(want[b])[0] for b in range(B)]
+    if flat:
+        pos_list = [np.concatenate([r + b * T for b, r in enumerate(rows)])]
+        tgt_list = [np.concatenate([ids[b, r + 1] for b, r in enumerate(rows)])]
+    else:
+        pos_list = rows
+        tgt_list = [ids[b, r + 1] for b, r in enumerate(rows)]
+    K = ladder(max(max(len(p) for p in pos_list), 1), multiple)
+    n = len(pos_list)
+    pos = np.zeros((n, K), np.int32)
+    tgt = np.zeros((n, K), np.int32)
+    w = np.zeros((n, K), np.float32)
+    for i, (p, t) in enumerate(zip(pos_list, tgt_list)):
+        pos[i, :len(p)] = p
+        tgt[i, :len(t)] = t
+        w[i, :len(p)] = 1.0
     return {"input_ids": ids.astype(np.int32), "attention_mask": batch["attention_mask"].astype(bool),
             "tgt_pos": pos, "tgt_ids": tgt, "tgt_w": w}
+
+
+def _stack_plans(plans: list[dict]) -> dict:
+    """Micro-batch plans -> [accum, ...] arrays, padding K to the largest micro-batch's."""
+    K = max(p["tgt_pos"].shape[1] for p in plans)
+    out = {}
+    for k in plans[0]:
+        arrs = []
+        for p in plans:
+            a = p[k]
+            if k.startswith("tgt_") and a.shape[1] < K:
+                a = np.pad(a, ((0, 0), (0, K - a.shape[1])))
+            arrs.append(a)
+        out[k] = np.stack(arrs)
+    return out
 
 
 def _chunked_nll(model: Qwen, h, tgt_ids, tgt_w, chunk: int):
@@ -224,6 +258,15 @@ def _chunked_nll(model: Qwen, h, tgt_ids, tgt_w, chunk: int):
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ids, ws))
     return total
+
+
+def _batch_ways(mesh, rules) -> int:
+    spec = named_sharding(mesh, ("batch",), rules=rules).spec
+    axes = spec[0] if len(spec) else None
+    if axes is None:
+        return 1
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 class Trainer:
@@ -256,6 +299,8 @@ class Trainer:
         self.graphdef, self.params, self.frozen = nnx.split(model, self.trainable, ...)
         self.ckpt = Checkpointer(storage.join(out_dir, "checkpoints"), keep=tcfg.keep)
         self.history: list[dict] = []
+        # Flat target gathers only when the batch is not split across devices.
+        self._flat = mesh is None or _batch_ways(mesh, rules) == 1
         self._step_fn = None
         self._eval_fn = None
 
@@ -290,6 +335,8 @@ class Trainer:
             scope = dropout_rng(key)
         with scope:
             h = model.hidden_states(mb["input_ids"], mb["attention_mask"])
+        if mb["tgt_pos"].shape[0] != h.shape[0]:  # flat plan: one row over the whole batch
+            h = h.reshape(1, -1, h.shape[-1])
         h = jnp.take_along_axis(h, mb["tgt_pos"][..., None], axis=1)
         return _chunked_nll(model, h, mb["tgt_ids"], mb["tgt_w"], self.tcfg.loss_chunk)
 
@@ -331,7 +378,8 @@ class Trainer:
         bs = self.tcfg.batch_size
         with self._ctx():
             for i in range(dataset.num_batches(bs)):
-                mb = self._put(target_positions(dataset.batch_at(i, bs), self.tcfg.target_multiple), False)
+                mb = self._put(target_positions(dataset.batch_at(i, bs), self.tcfg.target_multiple, self._flat),
+                               False)
                 s, c = self._eval_fn(self.params, self.frozen, mb)
                 tot += float(s)
                 n += float(c)
@@ -364,10 +412,11 @@ class Trainer:
             step = start
             for step in range(start, total):
                 raw = dataset.batch_at(step, t.global_batch)
-                plan = target_positions(raw, t.target_multiple)
-                T = plan["input_ids"].shape[1]
-                batch = {k: v.reshape(t.grad_accum, t.batch_size, *v.shape[1:]) for k, v in plan.items()}
-                batch = self._put(batch, True)
+                T = raw["input_ids"].shape[1]
+                micro = [{k: raw[k][i * t.batch_size:(i + 1) * t.batch_size]
+                          for k in ("input_ids", "loss_mask", "attention_mask")} for i in range(t.grad_accum)]
+                batch = self._put(_stack_plans([target_positions(m, t.target_multiple, self._flat)
+                                                for m in micro]), True)
                 key = jax.random.fold_in(jax.random.key(t.seed), step)
                 t0 = time.perf_counter()
                 self.params, opt_state, m = self._step_fn(self.params, self.frozen, opt_state, batch, key)
