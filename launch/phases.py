@@ -343,8 +343,8 @@ def best_structure(run: Run):
     """The newest accepted Loop-1 structure, or the start structure when Loop 1 has not run."""
     from automem_jax.memory.structure import MemoryStructure
     best = _read_json(run.path("structures", "best.json"))
-    if best and best.get("path"):
-        return MemoryStructure.from_text(storage.read_text(best["path"]))
+    if best and best.get("structure") and storage.exists(best["structure"]):
+        return MemoryStructure.from_text(storage.read_text(best["structure"]))
     if best and best.get("version") is not None:
         p = run.path("structures", f"v{best['version']}.yaml")
         if storage.exists(p):

@@ -14,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The tiny config, smaller still: the same phases and code paths, fewer episodes and steps.
 SMALL = [
-    "--config.bootstrap.seeds=100-105", "--config.bootstrap.max_steps=8",
+    # Two short teacher episodes, many passes: the student learns the op grammar quickly.
+    "--config.bootstrap.seeds=100-101", "--config.bootstrap.max_steps=8",
     "--config.bootstrap.train.max_steps=40", "--config.bootstrap.train.batch_size=8",
     "--config.eval.seeds=42-43", "--config.env.max_steps=3", "--config.env.num_envs=2",
     "--config.inference.max_tokens=64", "--config.inference.max_batch=4",

@@ -506,6 +506,9 @@ def log_facts(view: View, notes: Notes, prev_action: str | None, prev_step: int,
             events.append(f"{stamp}: no effect on {view.front}, a better pickaxe is needed")
     if unchanged and a in MOVE_DIR:
         events.append(f"{stamp}: blocked, the observation did not change")
+    if not events and prev_action:
+        # Every step leaves one line, so a student learns that LOG always records something.
+        events.append(f"{stamp}: no change")
     if notes.vitals is not None:
         for k in VITALS:
             old, new = notes.vitals.get(k), view.vitals.get(k)
