@@ -99,10 +99,12 @@ def get_config():
     c.collect.episodes = 100  # upstream NUM_TRAINING_EPISODES
     c.collect.seed_base = 999  # upstream random.seed(999); randint(1000, 99999), eval seeds excluded
     c.collect.max_steps = 2000  # same episode length as evaluation
+    c.collect.policy = "base"  # upstream: the base model plays the final Loop-1 structure
 
     c.loop2.iterations = 5  # upstream NUM_ITERATIONS
     c.loop2.min_examples = 600  # upstream crafter prior (min_target_examples)
     c.loop2.top_pct = 100  # upstream default: no return filter
+    c.loop2.allow_fewer = False  # a 32B run stops with an error rather than skip Loop 2
     c.loop2.data = data_config(cutoff_len=16384, loss_on="all")  # upstream cutoff_len, all assistant turns
     # Upstream crafter tuple 256:512:0.0:5e-5:4:2:8:...:cosine:0.05:ATTN with 2 GPUs:
     # effective batch 2 x 8 x 2 = 32 = batch_size 8 x grad_accum 4 here.

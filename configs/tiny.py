@@ -132,6 +132,9 @@ def get_config() -> ConfigDict:
     c.collect.episodes = 8  # training-trace episodes (upstream: 100)
     c.collect.seed_base = 999  # seeds drawn as upstream: random.seed(999); randint(1000, 99999)
     c.collect.max_steps = 8
+    # Whose traces Loop 2 mines: base (the base policy, upstream) | teacher (the scripted teacher,
+    # tiny only: a 2-layer student writes too few well-formed memory turns to mine in minutes).
+    c.collect.policy = "teacher"
 
     c.loop2 = ConfigDict()
     c.loop2.iterations = 1  # upstream: 5
@@ -139,6 +142,7 @@ def get_config() -> ConfigDict:
     c.loop2.min_examples = 20  # upstream priors: crafter 600, minihack 300, nle 800
     c.loop2.top_pct = 100  # keep candidates from the top X% of episodes; 100 = off
     c.loop2.reuse_dataset = False
+    c.loop2.allow_fewer = True  # train on fewer than min_examples; with none, skip Loop 2 (False: stop with an error)
     c.loop2.data = data_config(cutoff_len=2048, bucket_multiple=256)
     c.loop2.train = train_config(lora_rank=16, lora_alpha=32.0, learning_rate=2e-3, batch_size=8, grad_accum=1,
                                  epochs=2.0, target_multiple=256)

@@ -102,6 +102,10 @@ def validate_config(cfg, phases: list[str]) -> None:
             ph.loop1_config(cfg)
         if "loop1" in phases or ("loop2" in phases and cfg.loop2.judge == "critic"):
             ph.make_critic(cfg)
+        if cfg.collect.policy not in ("base", "teacher"):
+            raise ValueError(f"collect.policy {cfg.collect.policy!r}: expected base or teacher")
+        if cfg.collect.policy == "teacher" and any(n not in ("craftax", "crafter") for n in names):
+            raise ValueError("collect.policy=teacher: the scripted teacher plays Craftax/Crafter only")
         if cfg.loop2.judge not in ("critic", "heuristic"):
             raise ValueError(f"loop2.judge {cfg.loop2.judge!r}: expected critic or heuristic")
     except (ValueError, FileNotFoundError, TypeError, KeyError) as e:

@@ -90,7 +90,14 @@ def test_extract_candidates_rebuild_the_chat_verbatim(run_dir):
         if c["episode"] == 0:
             line = lines[c["step"]]
             assert msgs[0]["content"] == line[c["phase"]]["initial_prompt"]
-            assert c["turns"] == line[c["phase"]]["turns"]
+            full = line[c["phase"]]["turns"]
+            if c["phase"] == "log":
+                assert c["turns"] == full
+            else:  # PLAN keeps the consultation: up to the last turn with a memory op
+                assert c["turns"] == full[:len(c["turns"])]
+                has_op = [any(o["op"] not in ("ACTION", "DONE") for o in t["ops"]) for t in full]
+                if any(has_op):
+                    assert len(c["turns"]) == max(i for i, h in enumerate(has_op) if h) + 1
     # step 1 LOG (p=0): search, then append + DONE; the second user message carries the results
     two = ids[f"{prefix}/s1/log"]["messages"]
     assert [m["content"] for m in two[1::2]] == [LOG_GOOD_0, LOG_GOOD_1.format(p=0)]
@@ -99,8 +106,8 @@ def test_extract_candidates_rebuild_the_chat_verbatim(run_dir):
     assert ids[f"{prefix}/s2/log"]["redundant_writes"] == 0
     assert ids[f"{prefix}/s6/log"]["redundant_writes"] == 1
     assert ids[f"{prefix}/s3/log"]["empty_searches"] == 1 and ids[f"{prefix}/s3/log"]["redundant_writes"] == 0
-    assert ids[f"{prefix}/s0/plan"]["messages"][1::2] == [{"role": "assistant", "content": PLAN_SEARCH},
-                                                        {"role": "assistant", "content": PLAN_ACT}]
+    # PLAN: the search is the consultation; the action-only turn after it is gameplay, left out
+    assert ids[f"{prefix}/s0/plan"]["messages"][1::2] == [{"role": "assistant", "content": PLAN_SEARCH}]
     assert P.extract_candidates(run_dir, phases=("plan",)) == [c for c in cands if c["phase"] == "plan"]
     s1 = ids[f"{prefix}/s1/log"]
     assert s1["prev_action"] == lines[0]["validated_action"] and s1["memory_before"] == lines[0]["memory_snapshot"]
@@ -454,8 +461,8 @@ def test_two_model_consultation_stops_at_the_gameplay_model_and_at_errors(tmp_pa
     cands = _by_id(P.extract_candidates(run))
     assert sorted(cands) == ["nethack/NetHackChallenge-v0/ep0/s0/plan", "nethack/NetHackChallenge-v0/ep0/s1/log"]
     p0 = cands["nethack/NetHackChallenge-v0/ep0/s0/plan"]
-    assert [m["content"] for m in p0["messages"]] == ["p0", "<|SEARCH|>map.txt|stairs<|END|>", "results",
-                                                     "Nothing. <|ACTION|>search<|END|>"]
+    # The action-only memory turn after the search is not part of the consultation.
+    assert [m["content"] for m in p0["messages"]] == ["p0", "<|SEARCH|>map.txt|stairs<|END|>"]
     assert p0["empty_searches"] == 1 and p0["seed"] == 9 and p0["episode_progression"] == 0.25
     l1 = cands["nethack/NetHackChallenge-v0/ep0/s1/log"]
     assert len(l1["messages"]) == 2 and l1["redundant_writes"] == 1  # "door east" was already stored
