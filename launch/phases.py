@@ -298,7 +298,9 @@ def phase_bootstrap(run: Run) -> dict:
     if not _unit_done(model_dir):
         model, mcfg = run.load_model(cfg.model.checkpoint)
         res = Trainer(model, mcfg, train_config(b.train), run.path("bootstrap", "train"), mesh=run.mesh).fit(ds)
-        hf.save_pretrained(res.model, mcfg, model_dir, tokenizer=run.tok)  # every host gathers; host 0 writes
+        from automem_jax.models import lora
+        policy = lora.merge_lora(res.model) if lora.has_lora(res.model) else res.model
+        hf.save_pretrained(policy, mcfg, model_dir, tokenizer=run.tok)  # every host gathers; host 0 writes
         _mark_unit(model_dir, res.summary())
         log.info("bootstrap training: loss %.3f -> %.3f over %d steps; policy saved to %s",
                  res.first_loss, res.final_loss, res.steps, model_dir)
