@@ -169,8 +169,8 @@ class Run:
         """One cached Engine per model source; older ones are dropped to bound memory."""
         if source not in self._engines:
             from automem_jax.llm.engine import Engine
-            keep = {self.base_source() if source != "teacher" else None}
-            for k in [k for k in self._engines if k not in keep]:
+            base = self.base_source()
+            for k in [k for k in self._engines if k != base]:
                 del self._engines[k]
             model, _ = self.load_model(source)
             inf = self.cfg.inference

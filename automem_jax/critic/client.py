@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 from automem_jax.critic.heuristic import (PROPOSAL_FORMAT, HeuristicCritic, ProposalError, ProposalReply,
                                           parse_proposal)
 from automem_jax.critic.tools import TraceTools, clip
-from automem_jax.llm.client import _RETRY_STATUS, OpenAIClient, _as_dict, _RetryableError, _server_message
+from automem_jax.llm.client import _RETRY_STATUS, OpenAIClient, check_kind_fields, _RetryableError, _server_message
 from automem_jax.memory.structure import (BUDGET_DEFAULTS, LIMIT_DEFAULTS, PROMPT_PLACEHOLDERS, TOP_KEYS,
                                           MemoryStructure)
 
@@ -553,14 +553,7 @@ def make_critic(spec: Mapping[str, Any], _where: str = "critic") -> Critic:
     "temperature", "extra_body", "use_tools", "max_turns", "max_tool_calls", "digest_tokens",
     "judge_batch", "repair_rounds"}`` or ``{"kind": "heuristic", "seed"}``.
     """
-    spec = _as_dict(spec, _where)
-    kind = spec.get("kind")
-    if kind not in _FIELDS:
-        raise ValueError(f"{_where}.kind must be one of {', '.join(_FIELDS)}; got {kind!r}")
-    unknown = sorted(set(spec) - _FIELDS[kind])
-    if unknown:
-        raise ValueError(f"{_where}: unknown field(s) {', '.join(unknown)} for kind {kind!r}; "
-                         f"known: {', '.join(sorted(_FIELDS[kind] - {'kind'}))}")
+    spec, kind = check_kind_fields(spec, _where, _FIELDS)
     if kind == "heuristic":
         seed = spec.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):

@@ -515,16 +515,22 @@ def _as_dict(spec, where: str) -> dict:
     return dict(spec)
 
 
-def _check_spec(spec, where: str, have_engine: bool) -> dict:
-    """Kinds, field names and required fields of a whole spec tree, before anything is built."""
+def check_kind_fields(spec, where: str, fields: Mapping[str, set]) -> tuple[dict, str]:
+    """(spec as a dict, its kind) after checking the kind and that every field belongs to it."""
     spec = _as_dict(spec, where)
     kind = spec.get("kind")
-    if kind not in _SPEC_FIELDS:
-        raise ValueError(f"{where}.kind must be one of {', '.join(_SPEC_FIELDS)}; got {kind!r}")
-    unknown = sorted(set(spec) - _SPEC_FIELDS[kind])
+    if kind not in fields:
+        raise ValueError(f"{where}.kind must be one of {', '.join(fields)}; got {kind!r}")
+    unknown = sorted(set(spec) - fields[kind])
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)} for kind {kind!r}; "
-                         f"known: {', '.join(sorted(_SPEC_FIELDS[kind] - {'kind'}))}")
+                         f"known: {', '.join(sorted(fields[kind] - {'kind'}))}")
+    return spec, kind
+
+
+def _check_spec(spec, where: str, have_engine: bool) -> dict:
+    """Kinds, field names and required fields of a whole spec tree, before anything is built."""
+    spec, kind = check_kind_fields(spec, where, _SPEC_FIELDS)
     for f in _REQUIRED[kind]:
         if spec.get(f) in (None, "") and not (kind == "engine" and have_engine):
             raise ValueError(f"{where}.{f} is required for kind {kind!r}")

@@ -301,7 +301,6 @@ class Trainer:
         self.history: list[dict] = []
         # Flat target gathers only when the batch is not split across devices.
         self._flat = mesh is None or _batch_ways(mesh, rules) == 1
-        self._step_fn = None
         self._eval_fn = None
 
     def lora_config(self):
@@ -405,8 +404,8 @@ class Trainer:
                 self.history = [r for r in meta.get("history", []) if r["step"] <= start]
                 resumed = start
                 log.info("resumed from step %d (%s)", start, self.ckpt.directory)
-            if self._step_fn is None:
-                self._step_fn = self._build_step(tx)
+            # Built per fit: the step closes over this fit's optimizer (its schedule length).
+            step_fn = self._build_step(tx)
             peak = device_peak_flops(t)
             n_dev = len(self.mesh.devices.flat) if self.mesh is not None else 1
             step = start
@@ -419,7 +418,7 @@ class Trainer:
                                                 for m in micro]), True)
                 key = jax.random.fold_in(jax.random.key(t.seed), step)
                 t0 = time.perf_counter()
-                self.params, opt_state, m = self._step_fn(self.params, self.frozen, opt_state, batch, key)
+                self.params, opt_state, m = step_fn(self.params, self.frozen, opt_state, batch, key)
                 loss = float(m["loss"])
                 dt = time.perf_counter() - t0
                 real_tokens = int(raw["attention_mask"].sum())
