@@ -33,8 +33,12 @@ def test_craftax_run_killed_halfway_resumes_without_loss_or_duplicates(tmp_path)
     proc = subprocess.Popen(_cmd(run_dir), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 500
     # 4 slots, 8 episodes: kill once the first wave has finished but before the second has.
-    while time.time() < deadline and len(_finished(trace_dir)) < 4 and proc.poll() is None:
-        time.sleep(0.5)
+    def _second_wave_started():
+        done = _finished(trace_dir)
+        return len(done) >= 4 and any(f.endswith(".jsonl") and f[:-1] not in done for f in os.listdir(trace_dir))
+
+    while time.time() < deadline and not _second_wave_started() and proc.poll() is None:
+        time.sleep(0.1)
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
