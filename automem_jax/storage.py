@@ -188,3 +188,11 @@ def configure_tensorstore() -> None:
     if host:
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = host if host.startswith("http") else f"http://{host}"
         os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "emulator"
+
+
+def primary_host() -> bool:
+    """True on the host that writes shared files (jax process 0). Does not import jax: a process
+    that never loaded it (an env worker, a trace tool) is a single host."""
+    import sys
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0

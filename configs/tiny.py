@@ -86,29 +86,35 @@ def get_config() -> ConfigDict:
     c.env.structure = ""  # start MemoryStructure YAML (local or gs://); empty = the default below
     c.env.structure_name = "crafter_tiny"  # built-in default structure (memory/defaults/<name>.yaml)
     c.env.max_steps = 8  # env steps per episode (upstream Crafter: 2000)
-    c.env.num_envs = 4  # episodes played at once
+    c.env.num_envs = 8  # episodes played at once
     c.env.levels_path = ""  # MiniHack Boxoban levels folder (not downloadable offline; Boxoban tasks need it)
 
     c.inference = ConfigDict()
-    c.inference.max_batch = 8  # engine KV-cache slots (2 x num_envs keeps LOG and PLAN prefixes)
+    c.inference.max_batch = 16  # engine KV-cache slots (2 x num_envs keeps LOG and PLAN prefixes)
     c.inference.max_len = 2048  # engine context length (prompt + reply)
-    c.inference.max_tokens = 96  # tokens per model turn (upstream: 4096)
+    c.inference.max_tokens = 160  # tokens per model turn (upstream: 4096; the teacher's longest is ~160)
     c.inference.temperature = 0.7  # upstream: 1.0 (a 32B model); the 2-layer student needs less noise
     c.inference.top_p = 1.0
     c.inference.max_requests_per_call = 0  # cap on requests batched per engine call; 0 = all
 
     c.eval = ConfigDict()
-    c.eval.seeds = "42-45"  # fixed evaluation seeds (upstream Crafter: 42-51)
+    c.eval.seeds = "42-49"  # fixed evaluation seeds (upstream Crafter: 42-51)
 
     c.bootstrap = ConfigDict()
     c.bootstrap.enabled = True  # scripted-teacher warm start (tiny config only)
     c.bootstrap.seeds = "100-115"  # teacher episodes (disjoint from eval and collect seeds)
     c.bootstrap.max_steps = 24
-    c.bootstrap.redundant_write_rate = 0.3  # the teacher's deliberate bad habits
+    # The teacher's deliberate bad habits, per LOG/PLAN phase: re-appending state lines it just
+    # read (the student inherits it; Loop 2 should train it away), reading a file it then ignores.
+    c.bootstrap.redundant_write_rate = 0.7
     c.bootstrap.useless_read_rate = 0.2
+    # > 0: train a byte-level BPE of at most this many tokens on the teacher's chats and give the
+    # random preset that vocabulary (Qwen's 151k rows would be ~98% of a 2-layer model's weights and
+    # FLOPs). 0 = keep the configured tokenizer. Ignored with model.checkpoint (it keeps its own).
+    c.bootstrap.tokenizer_vocab = 4096
     c.bootstrap.data = data_config(cutoff_len=2048, bucket_multiple=128)
     c.bootstrap.train = train_config(mode="full", learning_rate=3e-3, warmup_ratio=0.05, batch_size=8,
-                                     grad_accum=1, epochs=2.0, target_multiple=256)
+                                     grad_accum=1, epochs=6.0, target_multiple=256)
 
     c.critic = ConfigDict()
     c.critic.kind = "heuristic"  # heuristic (offline, rule-based) | openai (any OpenAI-compatible API)
@@ -129,7 +135,7 @@ def get_config() -> ConfigDict:
     c.loop1.bootstrap_confidence = 0.9
 
     c.collect = ConfigDict()
-    c.collect.episodes = 8  # training-trace episodes (upstream: 100)
+    c.collect.episodes = 48  # training-trace episodes (upstream: 100)
     c.collect.seed_base = 999  # seeds drawn as upstream: random.seed(999); randint(1000, 99999)
     c.collect.max_steps = 8
     # Whose traces Loop 2 mines: base (the base policy, upstream) | teacher (the scripted teacher,
@@ -144,8 +150,8 @@ def get_config() -> ConfigDict:
     c.loop2.reuse_dataset = False
     c.loop2.allow_fewer = True  # train on fewer than min_examples; with none, skip Loop 2 (False: stop with an error)
     c.loop2.data = data_config(cutoff_len=2048, bucket_multiple=256)
-    c.loop2.train = train_config(lora_rank=16, lora_alpha=32.0, learning_rate=2e-3, batch_size=8, grad_accum=1,
-                                 epochs=2.0, target_multiple=256)
+    c.loop2.train = train_config(lora_rank=16, lora_alpha=32.0, learning_rate=3e-3, batch_size=8, grad_accum=1,
+                                 epochs=3.0, target_multiple=256)
 
     c.final_eval = ConfigDict()
     c.final_eval.seeds = ""  # empty = eval.seeds (then finished evals are reused, not re-run)

@@ -94,8 +94,7 @@ def copy_folder(src: str, dst: str) -> list[str]:
 
 
 def is_writer() -> bool:
-    import jax
-    return jax.process_index() == 0
+    return storage.primary_host()
 
 
 def _read_json(path: str):
@@ -130,11 +129,27 @@ class Run:
 
     @property
     def tok(self):
+        """The run's tokenizer: the bootstrap's trained one once it exists, else the configured one."""
         if self._tok is None:
             from automem_jax.models.tokenizer import load_tokenizer
-            # Empty = the checkpoint's own tokenizer, or the offline Qwen3 one for a random preset.
-            self._tok = load_tokenizer(self.cfg.tokenizer or self.cfg.model.checkpoint or None)
+            if self.trained_tokenizer() and _unit_done(self.path("bootstrap", "tokenizer")):
+                self._tok = load_tokenizer(self.path("bootstrap", "tokenizer"))
+            else:
+                self._tok = self.base_tok
         return self._tok
+
+    @property
+    def base_tok(self):
+        """The configured tokenizer: empty = the checkpoint's own, or the offline Qwen3 one."""
+        if getattr(self, "_base_tok", None) is None:
+            from automem_jax.models.tokenizer import load_tokenizer
+            self._base_tok = load_tokenizer(self.cfg.tokenizer or self.cfg.model.checkpoint or None)
+        return self._base_tok
+
+    def trained_tokenizer(self) -> bool:
+        """The bootstrap trains a small domain tokenizer (random presets only: a checkpoint keeps its own)."""
+        b = self.cfg.bootstrap
+        return bool(b.enabled and b.get("tokenizer_vocab", 0) and not self.cfg.model.checkpoint)
 
     @property
     def mesh(self):
@@ -162,7 +177,13 @@ class Run:
         from automem_jax.models import hf, qwen
         if source:
             return hf.load_pretrained(source, mesh=self.mesh, **self.runtime())
-        mcfg = qwen.preset(self.cfg.model.preset, **self.runtime())
+        overrides = {}
+        if self.trained_tokenizer():
+            # The preset's shape with the trained tokenizer's vocabulary (padded so it shards).
+            tok = self.tok
+            overrides = dict(vocab_size=-(-len(tok) // 128) * 128, eos_token_id=tok.eos_token_id,
+                             bos_token_id=tok.pad_token_id)
+        mcfg = qwen.preset(self.cfg.model.preset, **self.runtime(), **overrides)
         return qwen.init_model(mcfg, seed=self.cfg.seed, mesh=self.mesh), mcfg
 
     def engine(self, source: str):
@@ -191,14 +212,16 @@ class Run:
         """Every configured env on the given seeds into run_dir; returns the combined summary."""
         from automem_jax.rollout.runner import Runner
         inf = self.cfg.inference
-        runs = []
+        from automem_jax.rollout.traces import summarize
+        runs, episodes = [], []
         for name in env_names(self.cfg):
             runner = Runner(client, structure, run_dir, name, num_envs=self.cfg.env.num_envs,
                             max_steps=max_steps or self.cfg.env.max_steps, two_model=two_model,
                             env_kwargs=self.env_kwargs(name),
                             max_requests_per_call=inf.max_requests_per_call or None)
             runs.append(runner.run(seeds).get("run", {}))
-        summary = combined_summary(run_dir)
+            episodes += runner.episodes
+        summary = summarize(episodes)
         summary["runs"] = runs
         self.tokens_in += summary.get("input_tokens", 0)
         self.tokens_out += summary.get("output_tokens", 0)
@@ -279,10 +302,24 @@ def phase_bootstrap(run: Run) -> dict:
 
     structure = load_structure(cfg)
     teacher = TeacherClient(seed=cfg.seed, redundant_write_rate=b.redundant_write_rate,
-                            useless_read_rate=b.useless_read_rate, tokenizer=run.tok)
+                            useless_read_rate=b.useless_read_rate, tokenizer=run.base_tok)
     traces = run.path("bootstrap", "teacher")
     summary = run.play(teacher, structure, traces, parse_seeds(b.seeds), max_steps=b.max_steps)
     log.info(_progress_line("bootstrap teacher", summary))
+
+    tok_dir = run.path("bootstrap", "tokenizer")
+    if run.trained_tokenizer() and not _unit_done(tok_dir):
+        from automem_jax.models.tokenizer import train_domain_tokenizer
+        texts = [m["content"] for e in teacher_examples(traces) for m in e["conversations"]]
+        tok = train_domain_tokenizer(texts, run.base_tok, int(b.tokenizer_vocab))
+        if is_writer():
+            with tempfile.TemporaryDirectory() as tmp:
+                tok.save_pretrained(tmp)
+                for n in sorted(os.listdir(tmp)):
+                    storage.write_bytes(storage.join(tok_dir, n), open(os.path.join(tmp, n), "rb").read())
+        _mark_unit(tok_dir, {"vocab": len(tok), "requested": int(b.tokenizer_vocab), "texts": len(texts)})
+        run._tok = None
+        log.info("bootstrap tokenizer: %d tokens trained on %d teacher messages", len(tok), len(texts))
 
     data_dir = run.path("bootstrap", "dataset")
     if _unit_done(data_dir):

@@ -38,6 +38,14 @@ def _mark_done(workdir: str, name: str, result: dict) -> None:
     storage.write_text(storage.join(workdir, "phases", name, "DONE"), time.strftime("%Y-%m-%dT%H:%M:%SZ\n"))
 
 
+def _sync(tag: str) -> None:
+    """Multi-host barrier: what process 0 wrote is visible to every host before any reads it."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(tag)
+
+
 def run(cfg, workdir: str, phases: list[str]) -> None:
     import jax
 
@@ -45,6 +53,7 @@ def run(cfg, workdir: str, phases: list[str]) -> None:
     storage.makedirs(workdir)
     if jax.process_index() == 0:
         storage.write_text(storage.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2) + "\n")
+    _sync("automem start")
     ctx = Run(cfg, workdir)
     for name in phases:
         if _phase_done(workdir, name):
@@ -56,6 +65,7 @@ def run(cfg, workdir: str, phases: list[str]) -> None:
         result.update(seconds=time.perf_counter() - t0, tokens_in=ctx.tokens_in - tin,
                       tokens_out=ctx.tokens_out - tout)
         _mark_done(workdir, name, result)
+        _sync(f"automem phase {name}")
         log.info("phase %s: done in %.1f s", name, result["seconds"])
 
 
@@ -94,6 +104,9 @@ def validate_config(cfg, phases: list[str]) -> None:
                 ph.data_config(cfg[sec].data)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{sec}: {e}") from None
+        vocab = cfg.bootstrap.get("tokenizer_vocab", 0)
+        if vocab < 0 or 0 < vocab < 384:
+            raise ValueError(f"bootstrap.tokenizer_vocab {vocab}: expected 0 (keep the tokenizer) or at least 384")
         if cfg.bootstrap.enabled and "bootstrap" in phases:
             if any(n not in ("craftax", "crafter") for n in names):
                 raise ValueError("bootstrap.enabled: the scripted teacher plays Craftax/Crafter only; "

@@ -87,10 +87,15 @@ def test_tiny_pipeline_survives_a_kill_in_loop2(tmp_path):
     assert any(n.endswith(".png") for n in os.listdir(os.path.join(wd, "report")))
 
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     hf_model = AutoModelForCausalLM.from_pretrained(os.path.join(wd, "export", "hf"))
+    # The bootstrap's domain tokenizer travels with the export and matches the model's vocabulary.
+    tok = AutoTokenizer.from_pretrained(os.path.join(wd, "export", "hf"))
+    assert len(tok) <= hf_model.config.vocab_size <= 4096 and hf_model.config.eos_token_id == tok.eos_token_id
+    ids = tok.apply_chat_template([{"role": "user", "content": "<|READ|>strategy.txt<|END|>"}],
+                                  add_generation_prompt=True, return_dict=True)["input_ids"]
     with torch.no_grad():
-        logits = hf_model(torch.tensor([[1, 2, 3]])).logits
+        logits = hf_model(torch.tensor([ids])).logits
     assert torch.isfinite(logits).all()
     assert _exists(wd, "export", "peft", "adapter_config.json")
 
@@ -110,7 +115,7 @@ def test_tiny_pipeline_on_gcs(gcs_emulator):
         assert storage.exists(storage.join(wd, "phases", phase, "DONE")), phase
     for path in ("config.json", "ledger.jsonl", "structures/archive.jsonl", "eval/final/summary.json",
                  "export/hf/config.json", "export/hf/model.safetensors", "report/index.md",
-                 "datasets/0/selected.jsonl"):
+                 "datasets/0/selected.jsonl", "bootstrap/tokenizer/tokenizer.json", "export/hf/tokenizer.json"):
         assert storage.exists(storage.join(wd, path)), path
     assert storage.listdir(storage.join(wd, "loop2", "0", "train", "checkpoints"))
 
@@ -136,4 +141,6 @@ def test_config_errors_name_the_problem(tmp_path):
     assert r.returncode != 0 and "loop2" in r.stderr and "qlora" in r.stderr
     r = _run(f"--workdir={wd}", "--config.critic.kind=openai")
     assert r.returncode != 0 and "critic" in r.stderr
+    r = _run(f"--workdir={wd}", "--config.bootstrap.tokenizer_vocab=100")
+    assert r.returncode != 0 and "bootstrap.tokenizer_vocab 100" in r.stderr
     assert not os.path.exists(wd)

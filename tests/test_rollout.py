@@ -108,3 +108,41 @@ def test_runner_cli_rejects_bad_seeds(tmp_path):
     r = subprocess.run([sys.executable, "-m", "automem_jax.rollout.runner", "--seeds", "a-b", "--run_dir",
                         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--seeds" in r.stderr
+
+
+def test_non_writer_host_plays_the_same_episodes_and_writes_nothing(tmp_path):
+    """Multi-host: every host plays (SPMD engine calls) but only process 0 writes the run folder."""
+    from automem_jax.loops.teacher import TeacherClient
+    from automem_jax.memory.structure import MemoryStructure
+    from automem_jax.rollout.runner import Runner
+
+    structure = MemoryStructure.default("crafter_tiny")
+    runs = {}
+    for writer in (True, False):
+        run_dir = tmp_path / ("host0" if writer else "host1")
+        runner = Runner(TeacherClient(seed=3), structure, str(run_dir), "craftax", num_envs=2, max_steps=3,
+                        progress=False, writer=writer)
+        runs[writer] = runner.run([7, 8])
+    assert runs[True]["average_progress"] == runs[False]["average_progress"]
+    assert runs[True]["episodes"] == runs[False]["episodes"] == 2
+    assert sorted(os.listdir(tmp_path / "host0" / "traces" / "craftax" / "Craftax-Classic")) == [
+        "ep_0.json", "ep_0.jsonl", "ep_1.json", "ep_1.jsonl"]
+    assert not (tmp_path / "host1").exists() or not any((tmp_path / "host1").rglob("*.json*"))
+
+
+def test_gcs_trace_staging_is_removed(gcs_emulator):
+    import tempfile
+
+    from automem_jax import storage
+    from automem_jax.rollout.traces import EpisodeTrace
+
+    before = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("automem-trace-")}
+    folder = f"{gcs_emulator}/staging-test/traces/craftax/Craftax-Classic"
+    done = EpisodeTrace(folder, 0, {"seed": 1})
+    done.write_step({"step": 0, "reward": 1.0})
+    done.finish(0.0, "max_steps")
+    EpisodeTrace(folder, 1, {"seed": 2}).abort()
+    after = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("automem-trace-")}
+    assert after == before
+    assert storage.exists(storage.join(folder, "ep_0.jsonl")) and storage.exists(storage.join(folder, "ep_0.json"))
+    assert not storage.exists(storage.join(folder, "ep_1.json"))

@@ -278,7 +278,8 @@ class MemoryAgent:
                 rec.end_reason = "no_ops"
                 break
             messages.append({"role": "user", "content": render(p["log_continue"], {
-                "results": turn.tool_results, "file_index": self.store.index()})})
+                "results": turn.tool_results, "file_index": self.store.index(), "step": step,
+                "prev_step": step - 1, "action_description": values["action_description"]})})
         return rec
 
     def _plan_phase(self, step: int, text: str, blocks: dict[str, str]):

@@ -17,10 +17,11 @@ How it uses memory (its good habits):
   * LOG looks at the tail of the events file before appending to it.
 
 Its deliberate bad habits, at configured rates, so Loop 2 has something to reject:
-  * redundant writes: APPEND of a line that is already in the file (a line it was just shown
-    by a READ/TAIL of the state or events file). ``redundant_write_rate`` is the expected
-    fraction of all write ops that are redundant, i.e. the run summary's
-    ``hygiene.redundant_write_rate``.
+  * redundant writes: APPEND of one or two lines memory already holds: state-file lines it
+    was just shown go back into the state file, or, when it read nothing, a line it appended
+    earlier in the same reply is appended again. ``redundant_write_rate`` is the chance per LOG
+    phase that writes something; the run summary's
+    ``hygiene.redundant_write_rate`` (a share of all writes) is lower.
   * useless reads: READ of a file it then ignores: never the state file or the events file,
     and never written in the same phase (LOG sends the facts meant for it to the events file).
     ``useless_read_rate`` is the chance per LOG or PLAN phase.
@@ -482,7 +483,7 @@ def log_facts(view: View, notes: Notes, prev_action: str | None, prev_step: int,
             if note:
                 craft.append(f"Step {prev_step}: {what}")
 
-    stamp = f"Step {prev_step} action '{a}'"
+    stamp = f'Step {prev_step} action "{a}"'
     seen = list(notes.seen)
     if notes.inventory is not None:
         delta = _inventory_change(notes.inventory, view.inventory)
@@ -555,6 +556,13 @@ def log_facts(view: View, notes: Notes, prev_action: str | None, prev_step: int,
 # ----------------------------------------------------------------------------- the client
 
 
+def _appends(ops: Sequence[str]):
+    """(file, text) of each op string, ("", "") for anything but an APPEND (keeps indices)."""
+    for op in ops:
+        m = re.fullmatch(r"<\|APPEND\|>([^|]*)\|(.*)<\|END\|>", op, re.DOTALL)
+        yield (m.group(1), m.group(2)) if m else ("", "")
+
+
 def _op(name: str, *args: str) -> str:
     return f"<|{name}|>" + "|".join(args) + "<|END|>"
 
@@ -577,7 +585,7 @@ class TeacherClient:
     """Scripted Craftax-Classic player behind the Client contract (see the module docstring).
 
     seed: varies the teacher's choices (and its habits) between runs; redundant_write_rate:
-    expected fraction of write ops that re-append a line already in the file; useless_read_rate:
+    chance per LOG phase that writes of re-appending one or two lines memory already holds; useless_read_rate:
     chance per LOG or PLAN phase of reading a file and ignoring it; structure: optional
     MemoryStructure whose per-phase ops and budgets override what the prompt text shows;
     tokenizer: optional HF tokenizer for token counts (else about 4 characters a token).
@@ -708,22 +716,26 @@ class TeacherClient:
                 current = set(notes.render().splitlines())
                 lines += [_op("APPEND", state_file, f"{ln} (step {prev_step + 1})")
                           for ln in plan.state.splitlines() if ln not in current]
+        # The habit repeats what memory already holds: lines of the state file it just read go
+        # back into it, or, when it read nothing, a line it appended earlier in this reply is
+        # appended again. Any phase that writes can carry it, and whole phases do (not a share of
+        # every phase), so the clean phases Loop 2 keeps are a fair sample of all phases.
+        pool = [(state_file, ln) for ln in dict.fromkeys(state_lines or []) if ln.strip()]
+        own = [(i, f, t) for i, (f, t) in enumerate(_appends(lines)) if f]
         n_dup = 0
-        if can_append and self.redundant_write_rate > 0 and lines:
-            # Expected duplicates per good write q = r / (1 - r) gives a fraction r of all writes.
-            q = self.redundant_write_rate / (1.0 - self.redundant_write_rate)
-            n_dup = math.floor(q * len(lines) + dice.uniform("dup-count"))
-        if n_dup:
-            pool = [(state_file, ln) for ln in state_lines or []]
-            if events_file:
-                pool += [(events_file, ln) for ln in result_lines(p.results, events_file) or []]
-            # A re-appended line must really be in the file: lines are unique, taken verbatim.
-            pool = [(f, ln) for f, ln in dict.fromkeys(pool) if ln.strip()]
+        if can_append and lines and (pool or own) and dice.uniform("dup") < self.redundant_write_rate:
+            n_dup = 1 + int(len(pool or own) > 1 and dice.uniform("dup-count") < 0.5)
+        if n_dup and pool:
             dups = dice.shuffled("dup-lines", pool)[:n_dup]
             for f, ln in dups:
                 at = int(dice.uniform(f"dup-at/{ln}") * (len(lines) + 1))
                 lines.insert(at, _op("APPEND", f, ln))
             habits["redundant_writes"] = len(dups)
+        elif n_dup:
+            picks = sorted(dice.shuffled("dup-own", own)[:n_dup], reverse=True)
+            for i, f, t in picks:  # right after the original, from the end so indices hold
+                lines.insert(i + 1, _op("APPEND", f, t))
+            habits["redundant_writes"] = len(picks)
         lines.append("<|DONE|>")
         return "\n".join(lines), habits
 

@@ -41,7 +41,7 @@ PROMPT_PLACEHOLDERS = {
             "commands", "step", "prev_step", "context"},
     "plan": {"instruction", "guidance", "observation", "file_index", "file_guide", "commands",
              "step", "context"},
-    "log_continue": {"results", "file_index"},
+    "log_continue": {"results", "file_index", "action_description", "step", "prev_step"},
     "plan_continue": {"results", "file_index"},
     "handoff": set(),
     "handoff_with_results": {"results"},

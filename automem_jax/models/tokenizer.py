@@ -62,3 +62,47 @@ def apply_chat_template(tokenizer, messages: list[dict[str, Any]], add_generatio
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers v5 may return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+# Op tags like <|APPEND|>: the byte-level pre-tokenizer would split them into three pieces, so a
+# trained tokenizer adds the frequent ones whole (as plain, non-special tokens that decode back).
+_TAG_RE = None
+
+
+def train_domain_tokenizer(texts, base, vocab_size: int, *, min_tag_count: int = 5):
+    """A small byte-level BPE trained on `texts`, with `base`'s special tokens and chat template.
+
+    For the tiny CPU config: a 2-layer student with Qwen's 151k-row vocabulary spends most of its
+    training FLOPs and Adam state on the embedding; a domain vocabulary of a few thousand tokens
+    makes each step several times cheaper. Any text still encodes (byte fallback), so prompts
+    that Loop 1 rewrites later stay representable.
+    """
+    global _TAG_RE
+    import re
+    from collections import Counter
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("train_domain_tokenizer: no text to train on")
+    specials = [t.content for _, t in sorted(base.added_tokens_decoder.items())]
+    if vocab_size < 256 + len(specials) + 64:
+        raise ValueError(f"tokenizer vocab_size {vocab_size} is too small (at least {256 + len(specials) + 64})")
+    _TAG_RE = _TAG_RE or re.compile(r"<\|[A-Z][A-Z0-9_]*\|>")
+    counts = Counter(m for t in texts for m in _TAG_RE.findall(t))
+    tags = sorted(tag for tag, n in counts.items() if n >= min_tag_count and tag not in specials)
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tags), min_frequency=2, show_progress=False,
+                                  special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    tk.add_tokens([AddedToken(t, normalized=False, special=False) for t in tags])
+    special_map = {k: getattr(base, k) for k in ("eos_token", "pad_token", "bos_token", "unk_token")
+                   if getattr(base, k, None) in specials}
+    return PreTrainedTokenizerFast(tokenizer_object=tk, chat_template=base.chat_template,
+                                   model_max_length=base.model_max_length, **special_map)

@@ -57,7 +57,8 @@ class Runner:
 
     def __init__(self, client, structure: MemoryStructure, run_dir: str, env_name: str, *, num_envs: int = 8,
                  max_steps: int = 1000, two_model: bool = False, env_kwargs: dict | None = None,
-                 progress: bool = True, max_requests_per_call: int | None = None):
+                 progress: bool = True, max_requests_per_call: int | None = None,
+                 writer: bool | None = None):
         structure.validate()
         if num_envs < 1 or max_steps < 1:
             raise ValueError(f"num_envs and max_steps must be >= 1, got {num_envs}, {max_steps}")
@@ -75,6 +76,10 @@ class Runner:
         self.max_requests_per_call = max_requests_per_call
         self.trace_dir = storage.join(run_dir, "traces", self.env, self.task)
         self.stats = RunStats()
+        self.episodes: list[dict] = []
+        # Multi-host: every host plays the same episodes (the engine's calls are SPMD) and only the
+        # first writes the shared run folder.
+        self.writer = storage.primary_host() if writer is None else bool(writer)
 
     def run(self, seeds: Sequence[int]) -> dict:
         """Plays one episode per seed (episode k uses seeds[k]); returns and writes summary.json."""
@@ -90,14 +95,18 @@ class Runner:
                      len(seeds))
         if todo:
             self._play(todo, seeds, done)
-        summary = summarize(ep for ep in done.values() if ep is not None)
+        # Every host holds every finished episode (played or loaded), so callers can summarize
+        # without reading back files that only process 0 writes.
+        self.episodes = [ep for ep in done.values() if ep is not None]
+        summary = summarize(self.episodes)
         summary["run"] = {"env": self.env_name, "seeds": seeds, "max_steps": self.max_steps,
                           "structure": self.structure.label, "two_model": self.two_model,
                           **dataclasses.asdict(self.stats)}
         engine = getattr(self.client, "engine", None)
         if hasattr(engine, "stats"):  # a local engine: report its compiles and token counts too
             summary["run"]["engine"] = engine.stats.as_dict()
-        storage.write_text(storage.join(self.run_dir, "summary.json"), dumps_pretty(summary))
+        if self.writer:
+            storage.write_text(storage.join(self.run_dir, "summary.json"), dumps_pretty(summary))
         return summary
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -126,7 +135,7 @@ class Runner:
         agent = MemoryAgent.for_env(self.structure, env, two_model=self.two_model)
         meta = {"env": self.env, "task": self.task, "env_name": self.env_name, "seed": seed,
                 "structure": self.structure.label, "two_model": self.two_model}
-        return _Live(k, seed, agent, EpisodeTrace(self.trace_dir, k, meta), obs)
+        return _Live(k, seed, agent, EpisodeTrace(self.trace_dir, k, meta, writer=self.writer), obs)
 
     def _advance(self, lv: _Live, completion: Completion | None) -> None:
         try:

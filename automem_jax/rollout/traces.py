@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -101,13 +102,16 @@ class HygieneCounter:
 class EpisodeTrace:
     """Writes one episode's JSONL (flushed every step) and, at the end, its JSON result."""
 
-    def __init__(self, folder: str, index: int, meta: dict):
+    def __init__(self, folder: str, index: int, meta: dict, *, writer: bool = True):
         self.folder = folder
         self.index = index
         self.meta = dict(meta)
+        self.writer = writer
         self.remote = storage.is_gcs(folder)
         # gs:// cannot append: stage the JSONL locally and upload it with the finished episode.
-        local_dir = tempfile.mkdtemp(prefix="automem-trace-") if self.remote else folder
+        # A non-writer host (multi-host SPMD plays the same episodes everywhere) stages and drops.
+        self._staging = tempfile.mkdtemp(prefix="automem-trace-") if self.remote or not writer else None
+        local_dir = self._staging or folder
         os.makedirs(local_dir, exist_ok=True)
         self.local_jsonl = os.path.join(local_dir, f"ep_{index}.jsonl")
         self._f = open(self.local_jsonl, "w", encoding="ascii")  # a restarted episode starts over
@@ -130,8 +134,9 @@ class EpisodeTrace:
 
     def finish(self, progression: float, end_reason: str, extra: dict | None = None) -> dict:
         self._f.close()
-        if self.remote:
+        if self.remote and self.writer:
             storage.upload_file(self.local_jsonl, storage.join(self.folder, f"ep_{self.index}.jsonl"))
+        self._drop_staging()
         result = {
             **self.meta,
             "episode_idx": self.index,
@@ -146,12 +151,19 @@ class EpisodeTrace:
             **(extra or {}),
         }
         # Written last and atomically: its presence is what marks the episode finished.
-        storage.write_text(episode_json_path(self.folder, self.index), dumps_pretty(result))
+        if self.writer:
+            storage.write_text(episode_json_path(self.folder, self.index), dumps_pretty(result))
         return result
 
     def abort(self) -> None:
         if not self._f.closed:
             self._f.close()
+        self._drop_staging()
+
+    def _drop_staging(self) -> None:
+        if self._staging:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
 
 def episode_json_path(folder: str, index: int) -> str:
