@@ -119,6 +119,7 @@ class Run:
     def __init__(self, cfg, workdir: str):
         self.cfg, self.workdir = cfg, workdir
         self._tok = None
+        self._base_tok = None
         self._mesh = None
         self._engines: dict[str, object] = {}
         self.tokens_in = 0
@@ -141,7 +142,7 @@ class Run:
     @property
     def base_tok(self):
         """The configured tokenizer: empty = the checkpoint's own, or the offline Qwen3 one."""
-        if getattr(self, "_base_tok", None) is None:
+        if self._base_tok is None:
             from automem_jax.models.tokenizer import load_tokenizer
             self._base_tok = load_tokenizer(self.cfg.tokenizer or self.cfg.model.checkpoint or None)
         return self._base_tok
@@ -211,8 +212,8 @@ class Run:
              two_model: bool = False) -> dict:
         """Every configured env on the given seeds into run_dir; returns the combined summary."""
         from automem_jax.rollout.runner import Runner
-        inf = self.cfg.inference
         from automem_jax.rollout.traces import summarize
+        inf = self.cfg.inference
         runs, episodes = [], []
         for name in env_names(self.cfg):
             runner = Runner(client, structure, run_dir, name, num_envs=self.cfg.env.num_envs,
@@ -315,8 +316,7 @@ def phase_bootstrap(run: Run) -> dict:
         if is_writer():
             with tempfile.TemporaryDirectory() as tmp:
                 tok.save_pretrained(tmp)
-                for n in sorted(os.listdir(tmp)):
-                    storage.write_bytes(storage.join(tok_dir, n), open(os.path.join(tmp, n), "rb").read())
+                storage.copy_tree(tmp, tok_dir)
         _mark_unit(tok_dir, {"vocab": len(tok), "requested": int(b.tokenizer_vocab), "texts": len(texts)})
         run._tok = None
         log.info("bootstrap tokenizer: %d tokens trained on %d teacher messages", len(tok), len(texts))

@@ -30,8 +30,7 @@ def _phase_done(workdir: str, name: str) -> bool:
 
 
 def _mark_done(workdir: str, name: str, result: dict) -> None:
-    import jax
-    if jax.process_index() != 0:
+    if not storage.primary_host():
         return
     storage.write_text(storage.join(workdir, "phases", name, "result.json"),
                        json.dumps(result, indent=2, default=str) + "\n")
@@ -47,11 +46,11 @@ def _sync(tag: str) -> None:
 
 
 def run(cfg, workdir: str, phases: list[str]) -> None:
-    import jax
+    import jax  # noqa: F401  (loaded first: storage.primary_host() asks jax for the process index)
 
     from launch.phases import PHASES, Run
     storage.makedirs(workdir)
-    if jax.process_index() == 0:
+    if storage.primary_host():
         storage.write_text(storage.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2) + "\n")
     _sync("automem start")
     ctx = Run(cfg, workdir)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +71,7 @@ _UNCHANGED_RE = re.compile(r"EXACTLY the same as at the previous step|has not ch
                            r"actions|Nothing in the observation has changed")
 _COMMAND_LINE_RE = re.compile(r"^[ \t]+<\|([A-Z][A-Z0-9_]*)\|>", re.MULTILINE)
 _ANY_TAG_RE = re.compile(r"<\|([A-Z][A-Z0-9_]*)\|>")
+_APPEND_OP_RE = re.compile(r"<\|APPEND\|>([^|]*)\|(.*)<\|END\|>", re.DOTALL)
 _INDEX_RE = re.compile(r"^[ \t]*-[ \t]+(\S[^\n]*?)[ \t]+\((\d+) lines?\)[ \t]*$", re.MULTILINE)
 _RESULT_RE = re.compile("^" + RULE + r" (.+?) " + RULE + "$", re.MULTILINE)
 _ACTION_QUOTED_RE = re.compile('"(' + "|".join(re.escape(a) for a in ACTIONS) + ')"')
@@ -556,13 +556,6 @@ def log_facts(view: View, notes: Notes, prev_action: str | None, prev_step: int,
 # ----------------------------------------------------------------------------- the client
 
 
-def _appends(ops: Sequence[str]):
-    """(file, text) of each op string, ("", "") for anything but an APPEND (keeps indices)."""
-    for op in ops:
-        m = re.fullmatch(r"<\|APPEND\|>([^|]*)\|(.*)<\|END\|>", op, re.DOTALL)
-        yield (m.group(1), m.group(2)) if m else ("", "")
-
-
 def _op(name: str, *args: str) -> str:
     return f"<|{name}|>" + "|".join(args) + "<|END|>"
 
@@ -721,7 +714,7 @@ class TeacherClient:
         # appended again. Any phase that writes can carry it, and whole phases do (not a share of
         # every phase), so the clean phases Loop 2 keeps are a fair sample of all phases.
         pool = [(state_file, ln) for ln in dict.fromkeys(state_lines or []) if ln.strip()]
-        own = [(i, f, t) for i, (f, t) in enumerate(_appends(lines)) if f]
+        own = [(i, *m.groups()) for i, op in enumerate(lines) if (m := _APPEND_OP_RE.fullmatch(op))]
         n_dup = 0
         if can_append and lines and (pool or own) and dice.uniform("dup") < self.redundant_write_rate:
             n_dup = 1 + int(len(pool or own) > 1 and dice.uniform("dup-count") < 0.5)

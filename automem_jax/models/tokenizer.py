@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from typing import Any
 
 from automem_jax import storage
@@ -66,7 +67,7 @@ def apply_chat_template(tokenizer, messages: list[dict[str, Any]], add_generatio
 
 # Op tags like <|APPEND|>: the byte-level pre-tokenizer would split them into three pieces, so a
 # trained tokenizer adds the frequent ones whole (as plain, non-special tokens that decode back).
-_TAG_RE = None
+_TAG_RE = re.compile(r"<\|[A-Z][A-Z0-9_]*\|>")
 
 
 def train_domain_tokenizer(texts, base, vocab_size: int, *, min_tag_count: int = 5):
@@ -77,8 +78,6 @@ def train_domain_tokenizer(texts, base, vocab_size: int, *, min_tag_count: int =
     makes each step several times cheaper. Any text still encodes (byte fallback), so prompts
     that Loop 1 rewrites later stay representable.
     """
-    global _TAG_RE
-    import re
     from collections import Counter
 
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -90,7 +89,6 @@ def train_domain_tokenizer(texts, base, vocab_size: int, *, min_tag_count: int =
     specials = [t.content for _, t in sorted(base.added_tokens_decoder.items())]
     if vocab_size < 256 + len(specials) + 64:
         raise ValueError(f"tokenizer vocab_size {vocab_size} is too small (at least {256 + len(specials) + 64})")
-    _TAG_RE = _TAG_RE or re.compile(r"<\|[A-Z][A-Z0-9_]*\|>")
     counts = Counter(m for t in texts for m in _TAG_RE.findall(t))
     tags = sorted(tag for tag, n in counts.items() if n >= min_tag_count and tag not in specials)
 
