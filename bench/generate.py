@@ -7,7 +7,7 @@ Both sides decode greedily with EOS disabled, so every row produces exactly --ne
 the first token ids of both are compared before timing. Prints generated tokens/s per batch size
 and the ratio ours / transformers (target >= 3x at batch 16). With --runner it also measures the
 rollout runner: agent-steps/s for 16 Craftax episodes with every live agent's request in one
-generate call, against the same runner sending one request per call (target >= 4x).
+generate call (the async runner), against the tick runner sending one request per call (target >= 4x).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
           f"{args.new_tokens} new tokens, greedy, float32, CPU (torch {torch.get_num_threads()} threads)")
     for B in batches:
         prompts = [rng.randint(0, min(args.vocab, 100000), args.prompt_len).tolist() for _ in range(B)]
-        eng = Engine(model, tok, max_batch=B, max_len=max_len, prefix_reuse=False)
+        eng = Engine(model, tok, max_batch=B, max_len=max_len, prefix_cache=False)
         eng.eos_ids = set()  # fixed-length outputs on both sides
         params = [SamplingParams(temperature=0, max_tokens=args.new_tokens)] * B
         eng.generate_ids(prompts, params)  # compile
@@ -87,11 +87,12 @@ def runner_bench(model, tok, args) -> None:
     from automem_jax.rollout.runner import Runner
 
     n = args.runner_episodes
-    # 2 slots per agent keep both its LOG and PLAN prompt prefixes cached between ticks.
     engine = Engine(model, tok, max_batch=2 * n, max_len=2048)
     client = EngineClient(engine, max_tokens=16, temperature=1.0)
     structure = MemoryStructure.default("crafter")
     rates = {}
+    # "batched": the async runner (every in-flight request shares the engine's steps); the baseline
+    # is the tick runner capped at one request per generate call.
     for label, per_call in (("batched", None), ("one request per call", 1)):
         for warm in (True, False):  # the first pass compiles (env step, prefill buckets, decode)
             run_dir = tempfile.mkdtemp(prefix="bench-runner-")

@@ -71,8 +71,18 @@ def get_config():
     c.env.max_steps = 2000  # upstream crafter_kwargs.max_episode_steps
     c.env.num_envs = 32  # eval uses 10 slots; collect's 100 episodes use all 32
 
-    c.inference.max_batch = 64  # 2 x num_envs: every agent's LOG and PLAN prefix stays cached
-    c.inference.max_len = 32768  # upstream serving context; KV cache ~17 GiB per chip at 64 slots
+    c.inference.max_batch = 64  # 2 x num_envs: every agent's LOG and PLAN turn decodes in one batch
+    c.inference.max_len = 32768  # upstream serving context (any one request may grow to it)
+    # Serving layout: one replica per host (data=8), tensor parallel over the host's 4 chips. Per chip
+    # (automem_jax.llm.layout, checked by tests/test_configs.py and at launch): 15.3 GiB of bf16
+    # weights and 64 KiB of KV per token (64 layers x 2 x 8/4 KV heads x 128 x 2 bytes). The pool is
+    # paged: 327680 tokens (10 x 32k, ~5k per row on average; upstream's vLLM on 2 x 80 GB held ~300k)
+    # take 20 GiB. The two-model eval holds two engines: 2 x (15.3 + 20) + 2.6 GiB of step temporaries
+    # = 73 GiB of 95 (max_batch x max_len = 2M tokens would need 128 GiB per engine).
+    c.inference.mesh.data = 8
+    c.inference.mesh.tensor = 4  # 40 heads, 8 KV heads, mlp 27648 and vocab 152064 split evenly
+    c.inference.cache_tokens = 327680
+    c.inference.device_kind = "tpu v5p"  # 95 GiB HBM per chip
     c.inference.max_tokens = 4096  # upstream max tokens per model turn
     c.inference.temperature = 1.0  # upstream samples at T = 1
 

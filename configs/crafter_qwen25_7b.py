@@ -30,10 +30,19 @@ def to_7b(c, effective_batch: int):
     c.mesh.fsdp = -1  # every device shards parameters; 28 heads / 4 KV heads rule out tensor=8
     c.mesh.tensor = 1
     c.mesh.multi_host = False  # one host
-    # KV cache: 56 KiB per token, so 8 slots x 32k = 14 GiB per engine; the two-model eval holds two
-    # engines (specialist + base) and two copies of the weights: ~57 GiB on one 80 GB GPU.
-    c.env.num_envs = 4  # slots for 2 x 4 = 8 cached LOG/PLAN prefixes
+    # Serving on one 80 GB GPU: 14.2 GiB of bf16 weights and 56 KiB of KV per token (28 layers x 2 x
+    # 4 KV heads x 128 x 2 bytes), so a pool of 8 rows x 32k = 262144 tokens takes 14 GiB; the
+    # two-model eval holds two engines (specialist + base): 2 x (14.2 + 14) + 2.3 GiB of prefill
+    # temporaries = 59 GiB of 80. On a TPU v4-8 host: --config.inference.mesh.tensor=4
+    # --config.inference.device_kind="tpu v4" (15 GiB of 32 per chip); on a v5e-8 host:
+    # --config.inference.mesh.tensor=4 --config.inference.cache_tokens=131072
+    # --config.inference.device_kind="tpu v5e" (11 GiB of 16). 28 heads rule out tensor=8.
+    c.env.num_envs = 4  # 2 x 4 = 8 LOG/PLAN turns in flight
     c.inference.max_batch = 8
+    c.inference.mesh.data = -1  # one replica per chip
+    c.inference.mesh.tensor = 1
+    c.inference.cache_tokens = 262144  # = max_batch x max_len
+    c.inference.device_kind = "h100"  # one 80 GB GPU (A100-80GB: "a100-80gb")
     c.loop2.train.batch_size = MICRO_BATCH
     c.loop2.train.grad_accum = effective_batch // MICRO_BATCH  # same effective batch as upstream
     return c

@@ -8,7 +8,7 @@ A random 2-layer model cannot use memory ops, so `bootstrap` first warm-starts i
 teacher's Craftax traces (automem_jax/loops/teacher.py); the loops then improve that skill.
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 ALL_PHASES = "bootstrap,baseline,loop1,collect,loop2,final_eval,export,report"
 
@@ -90,12 +90,35 @@ def get_config() -> ConfigDict:
     c.env.levels_path = ""  # MiniHack Boxoban levels folder (not downloadable offline; Boxoban tasks need it)
 
     c.inference = ConfigDict()
-    c.inference.max_batch = 16  # engine KV-cache slots (2 x num_envs keeps LOG and PLAN prefixes)
+    c.inference.max_batch = 16  # rows decoded at once (requests beyond wait in the scheduler)
     c.inference.max_len = 2048  # engine context length (prompt + reply)
     c.inference.max_tokens = 160  # tokens per model turn (upstream: 4096; the teacher's longest is ~160)
     c.inference.temperature = 0.7  # upstream: 1.0 (a 32B model); the 2-layer student needs less noise
-    c.inference.top_p = 1.0
+    # Unset: the checkpoint's generation_config.json value (inference.generation_config=auto), else 1.0.
+    c.inference.top_p = config_dict.placeholder(float)
     c.inference.max_requests_per_call = 0  # cap on requests batched per engine call; 0 = all
+    # The engine's serving layout, apart from training's `mesh`: weights replicated over `data` (one
+    # replica per group of rows), split over `tensor` (heads, KV heads, mlp, vocab); never fsdp, so a
+    # decode step gathers no weight. Same devices as the training mesh; -1 takes the remaining ones.
+    c.inference.mesh = ConfigDict()
+    c.inference.mesh.data = -1  # serving replicas (the batch's rows split over them)
+    c.inference.mesh.tensor = 1  # tensor parallelism within a replica (keep it within one host)
+    # Overrides of automem_jax.parallel.mesh.SERVING_RULES as (logical axis, mesh axis) pairs, e.g.
+    # --config.inference.rules="(('vocab', None),)"; empty = SERVING_RULES as they are.
+    c.inference.rules = ()
+    c.inference.page_size = 16  # KV cache tokens per page (the unit of allocation and prefix sharing)
+    c.inference.cache_tokens = 0  # KV pool tokens shared by all rows; 0 = max_batch x max_len
+    c.inference.prefill_chunk = 512  # prompt tokens per prefill step (all rows together); >= page_size
+    c.inference.prefix_cache = True  # a prompt reuses the cached pages of an earlier prompt's prefix
+    # auto: a request that leaves top_p / top_k / repetition_penalty unset takes the checkpoint's
+    # generation_config.json values (as vLLM does); none: the engine's own defaults.
+    c.inference.generation_config = "auto"
+    # Repetition penalty for every request (> 0; 1.0 = off); unset = generation_config / engine default.
+    c.inference.repetition_penalty = config_dict.placeholder(float)
+    # The chip the serving layout is sized for: a name in automem_jax.llm.layout.DEVICE_MEMORY
+    # ("tpu v5p", "h100", ...). Set, launch.tpu_run checks the per-chip serving memory before it
+    # starts (when inference.mesh has no -1); "" = unchecked.
+    c.inference.device_kind = ""
 
     c.eval = ConfigDict()
     c.eval.seeds = "42-49"  # fixed evaluation seeds (upstream Crafter: 42-51)

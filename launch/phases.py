@@ -121,6 +121,7 @@ class Run:
         self._tok = None
         self._base_tok = None
         self._mesh = None
+        self._serving_mesh = None
         self._engines: dict[str, object] = {}
         self.tokens_in = 0
         self.tokens_out = 0
@@ -187,18 +188,59 @@ class Run:
         mcfg = qwen.preset(self.cfg.model.preset, **self.runtime(), **overrides)
         return qwen.init_model(mcfg, seed=self.cfg.seed, mesh=self.mesh), mcfg
 
+    @property
+    def serving_mesh(self):
+        """The engine's mesh (inference.mesh: data x tensor, no fsdp) over the training mesh's devices."""
+        if self._serving_mesh is None:
+            from automem_jax.parallel.mesh import make_serving_mesh
+            devices = sorted(self.mesh.devices.flat, key=lambda d: d.id)
+            self._serving_mesh = make_serving_mesh(self.cfg.inference.mesh.to_dict(), devices=devices)
+        return self._serving_mesh
+
+    @property
+    def serving_rules(self):
+        from automem_jax.parallel.mesh import serving_rules
+        return serving_rules(self.cfg.inference.rules)
+
+    def sampling_defaults(self, source: str) -> dict:
+        """Defaults for what a request leaves unset: generation_config.json's top_p / top_k /
+        repetition_penalty (inference.generation_config=auto; the served folder's, then the base
+        checkpoint's, since an exported specialist may carry fewer fields), then
+        inference.repetition_penalty over them."""
+        inf = self.cfg.inference
+        out: dict = {}
+        if inf.generation_config == "auto":
+            from automem_jax.llm.engine import generation_defaults
+            for folder in dict.fromkeys(f for f in (source, self.cfg.model.checkpoint) if f):
+                for key, value in generation_defaults(folder).items():
+                    out.setdefault(key, value)
+        if inf.repetition_penalty is not None:
+            out["repetition_penalty"] = float(inf.repetition_penalty)
+        return out
+
     def engine(self, source: str):
-        """One cached Engine per model source; older ones are dropped to bound memory."""
+        """One cached Engine per model source (older ones are dropped to bound memory), served under
+        the inference mesh and rules (weights replicated over data, split over tensor)."""
         if source not in self._engines:
+            from automem_jax.llm import layout
             from automem_jax.llm.engine import Engine
             base = self.base_source()
             for k in [k for k in self._engines if k != base]:
                 del self._engines[k]
-            model, _ = self.load_model(source)
+            model, mcfg = self.load_model(source)
             inf = self.cfg.inference
+            mesh, rules = self.serving_mesh, self.serving_rules
+            mem = layout.serving_memory(mcfg, dict(mesh.shape), rules, max_batch=inf.max_batch, max_len=inf.max_len,
+                                        cache_tokens=inf.cache_tokens or None, page_size=inf.page_size,
+                                        prefill_chunk=inf.prefill_chunk, engines=len(self._engines) + 1)
+            log.info("engine %s: serving mesh %s; per chip %s", source or self.cfg.model.preset,
+                     dict(mesh.shape), mem.describe())
+            kwargs = dict(rules=rules, page_size=inf.page_size, cache_tokens=inf.cache_tokens or None,
+                          prefill_chunk=inf.prefill_chunk, prefix_cache=inf.prefix_cache,
+                          sampling_defaults=self.sampling_defaults(source) or None)
             self._engines[source] = Engine(model, self.tok, max_batch=inf.max_batch, max_len=inf.max_len,
-                                           mesh=self.mesh, seed=self.cfg.seed,
-                                           model_name=source or self.cfg.model.preset)
+                                           mesh=mesh, seed=self.cfg.seed,
+                                           model_name=source or self.cfg.model.preset, **kwargs)
         return self._engines[source]
 
     def client(self, source: str):

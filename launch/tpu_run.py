@@ -68,8 +68,9 @@ def run(cfg, workdir: str, phases: list[str]) -> None:
         log.info("phase %s: done in %.1f s", name, result["seconds"])
 
 
-def validate_config(cfg, phases: list[str]) -> None:
-    """Cheap checks before anything is written, so a typo never costs a half-written workdir."""
+def validate_config(cfg, phases: list[str]):
+    """Cheap checks before anything is written, so a typo never costs a half-written workdir.
+    Returns the model's QwenConfig (for `validate_devices`)."""
     from automem_jax.models import qwen
     from automem_jax.parallel.mesh import MeshConfig
     from launch import phases as ph
@@ -77,10 +78,11 @@ def validate_config(cfg, phases: list[str]) -> None:
         runtime = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                        scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
         if not cfg.model.checkpoint:
-            qwen.preset(cfg.model.preset, **runtime)
+            model_cfg = qwen.preset(cfg.model.preset, **runtime)
         else:
-            qwen.QwenConfig.from_hf(cfg.model.checkpoint, **runtime)
+            model_cfg = qwen.QwenConfig.from_hf(cfg.model.checkpoint, **runtime)
         MeshConfig.from_any(cfg.mesh.to_dict())
+        validate_inference(cfg, phases, model_cfg)
         from automem_jax.envs import KNOWN_ENVS
         names = ph.env_names(cfg)
         if not names:
@@ -122,6 +124,78 @@ def validate_config(cfg, phases: list[str]) -> None:
             raise ValueError(f"loop2.judge {cfg.loop2.judge!r}: expected critic or heuristic")
     except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
         raise app.UsageError(f"config: {e}") from None
+    return model_cfg
+
+
+def validate_devices(cfg, phases: list[str], model_cfg=None) -> None:
+    """The checks that need the device count (after jax.distributed starts, before anything is
+    written): both meshes fit the devices, and the serving memory per chip fits inference.device_kind."""
+    import jax
+
+    from automem_jax.parallel.mesh import MeshConfig
+    n = jax.device_count()
+    try:
+        MeshConfig.from_any(cfg.mesh.to_dict()).axis_sizes(n)
+        validate_inference(cfg, phases, model_cfg, n_devices=n)
+    except ValueError as e:
+        raise app.UsageError(f"config: {e}") from None
+
+
+GENERATION_CONFIG = ("auto", "none")
+
+
+def validate_inference(cfg, phases: list[str], model_cfg=None, n_devices: int | None = None) -> None:
+    """The serving section: mesh, rules, paging knobs, sampling defaults; with `n_devices`, the
+    serving mesh against it; and, when the config names its chip (inference.device_kind) and the
+    mesh size is known (n_devices, or no -1), the per-chip serving memory."""
+    import math
+
+    from automem_jax.llm import layout
+    from automem_jax.parallel.mesh import serving_mesh_config, serving_rules
+    inf = cfg.inference
+    if inf.max_batch < 1 or inf.max_len < 2:
+        raise ValueError(f"inference.max_batch {inf.max_batch} / max_len {inf.max_len}: expected >= 1 / >= 2")
+    mesh = serving_mesh_config(inf.mesh.to_dict())
+    if n_devices is not None:
+        try:
+            mesh.axis_sizes(n_devices)
+        except ValueError as e:
+            raise ValueError(f"inference.mesh {inf.mesh.to_dict()}: {e}") from None
+    try:
+        rules = serving_rules(inf.rules)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"inference.rules {inf.rules!r}: {e}") from None
+    if any("fsdp" in (t if isinstance(t, tuple) else (t,)) for _, t in rules):
+        raise ValueError(f"inference.rules {inf.rules!r}: the serving mesh has no fsdp axis; use data or tensor")
+    if inf.page_size < 1:
+        raise ValueError(f"inference.page_size {inf.page_size}: expected >= 1")
+    if inf.prefill_chunk < inf.page_size:
+        raise ValueError(f"inference.prefill_chunk {inf.prefill_chunk}: expected >= inference.page_size "
+                         f"({inf.page_size})")
+    if inf.cache_tokens < 0 or 0 < inf.cache_tokens < inf.max_len:
+        raise ValueError(f"inference.cache_tokens {inf.cache_tokens}: expected 0 (max_batch x max_len) or at "
+                         f"least inference.max_len ({inf.max_len}), so one request can reach max_len")
+    if inf.generation_config not in GENERATION_CONFIG:
+        raise ValueError(f"inference.generation_config {inf.generation_config!r}: expected one of "
+                         f"{', '.join(GENERATION_CONFIG)}")
+    if inf.top_p is not None and not 0 < inf.top_p <= 1:
+        raise ValueError(f"inference.top_p {inf.top_p!r}: expected in (0, 1] or unset")
+    rp = inf.repetition_penalty
+    if rp is not None and not rp > 0:
+        raise ValueError(f"inference.repetition_penalty {rp!r}: expected > 0 (1.0 = off) or unset")
+    if inf.device_kind:
+        device = layout.device_memory(inf.device_kind)
+        n = n_devices if n_devices is not None else (
+            math.prod((mesh.data, mesh.tensor)) if -1 not in (mesh.data, mesh.tensor) else None)
+        if n is not None and model_cfg is not None:
+            # Two engines (specialist + base) are held at once by the two-model evaluations.
+            engines = 2 if {"loop2", "final_eval"} & set(phases) else 1
+            mem = layout.serving_memory_for_config(cfg, n, model_cfg=model_cfg, engines=engines)
+            try:
+                mem.check(device)
+            except ValueError as e:
+                raise ValueError(f"inference (device_kind {inf.device_kind!r}, mesh {mesh.data}x{mesh.tensor}): "
+                                 f"{e}") from None
 
 
 def _resolve_phases(cfg) -> list[str]:
@@ -145,10 +219,11 @@ def main(argv) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     cfg = _CONFIG.value
     phases = _resolve_phases(cfg)
-    validate_config(cfg, phases)
+    model_cfg = validate_config(cfg, phases)
     if cfg.mesh.multi_host:
         from automem_jax.parallel.mesh import MeshConfig, maybe_initialize_distributed
         maybe_initialize_distributed(MeshConfig.from_any(cfg.mesh.to_dict()))
+    validate_devices(cfg, phases, model_cfg)
     run(cfg, _WORKDIR.value, phases)
 
 

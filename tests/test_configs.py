@@ -149,3 +149,173 @@ def test_launcher_accepts_config(name, monkeypatch):
     c.critic.base_url = "https://critic.example.com/v1"
     c.critic.model = "some-model"
     tpu_run.validate_config(c, c.phases.split(","))
+
+
+# --- serving layout: per-chip memory of the inference engine ------------------------------------
+
+# Chips each config may run on: (device_kind, devices, inference overrides). The first row is the
+# config as written; the 7B rows after it are the one-host TPU variants its comments give.
+SERVING_TARGETS = {
+    "32b": [("tpu v5p", 32, {})],
+    "7b": [("h100", 1, {}),
+           ("tpu v4", 4, {"mesh.tensor": 4}),
+           ("tpu v5e", 8, {"mesh.tensor": 4, "cache_tokens": 131072})],
+}
+
+
+def _serving_case(name, kind, n, overrides):
+    from automem_jax.llm import layout
+    module, c = _load(name)
+    for key, value in overrides.items():
+        sec, _, field = key.rpartition(".")
+        (c.inference[sec] if sec else c.inference)[field] = value
+    # The two-model evaluations (Loop 2, final eval) hold two engines: specialist and base.
+    mem = layout.serving_memory_for_config(c, n, engines=2)
+    return module, c, mem
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_serving_memory_fits_the_target_chips(name):
+    from automem_jax.llm import layout
+    size = "32b" if "32b" in name else "7b"
+    for i, (kind, n, overrides) in enumerate(SERVING_TARGETS[size]):
+        module, c, mem = _serving_case(name, kind, n, overrides)
+        if i == 0:  # the config as written names its chip and is sized for TARGET_DEVICES
+            assert c.inference.device_kind == kind and n == module.TARGET_DEVICES
+        device = layout.device_memory(kind)
+        print(f"\n{name} on {n} x {kind} ({device / GiB:.0f} GiB), serving mesh {mem['mesh_axes']}, "
+              f"cache_tokens {mem['cache_tokens']}: " + mem.describe()
+              + f" ({100 * mem['total'] / device:.0f}% of the chip)")
+        mem.check(device, headroom=0.9)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_serving_mesh_and_rules(name):
+    from automem_jax.parallel.mesh import param_rules_on, serving_mesh_config, serving_rules
+    module, c = _load(name)
+    axes = serving_mesh_config(c.inference.mesh.to_dict()).axis_sizes(module.TARGET_DEVICES)
+    assert math.prod(axes.values()) == module.TARGET_DEVICES and axes["fsdp"] == 1
+    if "32b" in name:  # one replica per host (8 hosts x 4 chips), tensor parallel within the host
+        assert (axes["data"], axes["tensor"]) == (8, 4)
+    rules = serving_rules(c.inference.rules)
+    assert param_rules_on(rules, "fsdp") == [] and param_rules_on(rules, "data") == []
+    assert dict(rules)["embed"] is None
+    cfg = qwen.preset(c.model.preset)
+    for dim in (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.vocab_size):
+        assert dim % axes["tensor"] == 0, (dim, axes)
+    inf = c.inference
+    assert inf.page_size >= 1 and inf.prefill_chunk >= inf.page_size and inf.prefix_cache
+    assert inf.cache_tokens == 0 or inf.cache_tokens >= inf.max_len
+    # Upstream's vLLM took top_p / top_k / repetition_penalty from the checkpoint's generation_config.json.
+    assert inf.generation_config == "auto" and inf.repetition_penalty is None and inf.top_p is None
+
+
+def test_serving_memory_arithmetic():
+    from automem_jax.llm import layout
+    cfg = qwen.preset("qwen2.5-32b", dtype="bfloat16", param_dtype="bfloat16")
+    m = layout.serving_memory(cfg, {"data": 8, "tensor": 4}, max_batch=64, max_len=32768, cache_tokens=1000,
+                              page_size=16, prefill_chunk=512)
+    assert m["cache_tokens"] == 1008  # whole pages
+    # KV: 64 layers x (k, v) x 8/4 KV heads x 128 x 2 bytes = 64 KiB per token per chip.
+    assert m["kv_bytes_per_token"] == 64 * 1024 and m["kv_pool"] == 1008 * 64 * 1024
+    total_params = sum(math.prod(s) for s, _ in cfg.param_shapes().values())
+    assert total_params * 2 / 4 <= m["weights"] <= total_params * 2 / 4 * 1.01  # replicated over data only
+    # Decode: gathered K+V of one layer, f32 scores over 10 heads per chip, f32 logits of vocab / 4.
+    assert m["decode_terms"] == {"kv": 2 * 64 * 32768 * 2 * 128 * 2, "scores": 64 * 10 * 32768 * 4,
+                                 "logits": 64 * 152064 // 4 * 4}
+    assert m["prefill_terms"]["scores"] == 512 * 10 * 32768 * 4
+    assert m["temporaries"] == max(m["decode_temporaries"], m["prefill_temporaries"])
+    two = layout.serving_memory(cfg, {"data": 8, "tensor": 4}, max_batch=64, max_len=32768, cache_tokens=1000,
+                                engines=2)
+    assert two["total"] == 2 * (m["weights"] + m["kv_pool"]) + m["temporaries"]
+    # The term that does not fit is named: the KV pool of max_batch x max_len tokens.
+    full = layout.serving_memory(cfg, {"data": 8, "tensor": 4}, max_batch=64, max_len=32768)
+    with pytest.raises(ValueError, match=r"kv_pool .*lower inference.cache_tokens"):
+        full.check(layout.device_memory("tpu v5p"))
+    with pytest.raises(ValueError, match="weights"):
+        layout.serving_memory(cfg, {"data": 32, "tensor": 1}, max_batch=1, max_len=64).check(16 * GiB)
+    assert layout.device_memory("TPU v5 lite") == layout.device_memory("tpu v5e") == 16 * GiB
+    assert layout.device_memory("NVIDIA H100 80GB HBM3") == 80 * GiB
+    assert layout.device_memory("NVIDIA A100-SXM4-80GB") == 80 * GiB
+    with pytest.raises(ValueError, match="unknown"):
+        layout.device_memory("tpu v9")
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("mesh.data", 0, "inference.mesh.data"),
+    ("mesh.tensor", -2, "inference.mesh.tensor"),
+    ("mesh.data", -1, None),  # valid: the next row makes both -1
+    ("page_size", 0, "inference.page_size 0"),
+    ("prefill_chunk", 8, "inference.prefill_chunk 8"),
+    ("cache_tokens", 100, "inference.cache_tokens 100"),
+    ("cache_tokens", -1, "inference.cache_tokens -1"),
+    ("generation_config", "vllm", "inference.generation_config 'vllm'"),
+    ("repetition_penalty", 0.0, "inference.repetition_penalty 0.0"),
+    ("top_p", 1.5, "inference.top_p 1.5"),
+    ("rules", (("embed", "fsdp"),), "no fsdp axis"),
+    ("rules", (("embed", "model"),), "unknown mesh axis 'model'"),
+    ("rules", (("embedding", "tensor"),), "unknown logical axis"),
+    ("device_kind", "tpu v9", "device kind 'tpu v9'"),
+])
+def test_bad_inference_fields_are_named_before_anything_runs(field, value, msg):
+    from absl import app
+
+    from launch import tpu_run
+    c = importlib.import_module("configs.tiny").get_config()
+    sec, _, key = field.rpartition(".")
+    (c.inference[sec] if sec else c.inference)[key] = value
+    if msg is None:
+        tpu_run.validate_config(c, c.phases.split(","))
+        return
+    with pytest.raises(app.UsageError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        tpu_run.validate_config(c, c.phases.split(","))
+
+
+def test_both_serving_axes_free_and_unknown_axis_are_errors():
+    from absl import app
+
+    from launch import tpu_run
+    c = importlib.import_module("configs.tiny").get_config()
+    c.inference.mesh.tensor = -1
+    with pytest.raises(app.UsageError, match="at most one of data, tensor"):
+        tpu_run.validate_config(c, c.phases.split(","))
+    c = importlib.import_module("configs.tiny").get_config()
+    c.inference.mesh.fsdp = 2
+    with pytest.raises(app.UsageError, match="unknown axis"):
+        tpu_run.validate_config(c, c.phases.split(","))
+
+
+def test_launcher_checks_serving_memory(monkeypatch):
+    """A 32B config whose KV pool cannot fit a v5p chip stops in validation, naming the term."""
+    from absl import app
+
+    from launch import tpu_run
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
+    _, c = _load("crafter_qwen25_32b")
+    c.model.checkpoint = ""
+    c.critic.base_url, c.critic.model = "https://critic.example.com/v1", "some-model"
+    tpu_run.validate_config(c, c.phases.split(","))
+    c.inference.cache_tokens = 0  # max_batch x max_len = 2M tokens: 128 GiB of KV per chip
+    with pytest.raises(app.UsageError, match=r"kv_pool .* > 0.9 x 95.00 GiB"):
+        tpu_run.validate_config(c, c.phases.split(","))
+
+
+@pytest.mark.parametrize("flag,msg", [
+    ("--config.inference.prefill_chunk=4", "inference.prefill_chunk 4"),
+    ("--config.inference.rules=(('embed', 'fsdp'),)", "no fsdp axis"),
+    ("--config.inference.repetition_penalty=-1.0", "inference.repetition_penalty -1.0"),
+    ("--config.inference.generation_config=always", "inference.generation_config 'always'"),
+    # One CPU device: sizes that need more devices are caught once the device count is known.
+    ("--config.inference.mesh.data=3", "inference.mesh {'data': 3, 'tensor': 1}: mesh config: axes"),
+])
+def test_inference_flags_fail_before_the_workdir_is_written(flag, msg, tmp_path):
+    """The command line reaches the new fields (a tuple of rules, an unset float) and a bad value
+    stops the main job before it writes anything."""
+    import subprocess
+    import sys
+    wd = tmp_path / "run"
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "launch.tpu_run", "--config=configs/tiny.py", f"--workdir={wd}", flag],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
+    assert not wd.exists()

@@ -293,9 +293,16 @@ def test_router_same_backend_one_batch_and_failure_isolated(fake_api):
 # ---- EngineClient (real tiny engine) ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def engine():
+def tiny_model():
+    from automem_jax.models.qwen import init_model, preset
+    return init_model(preset("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
     from automem_jax.llm.engine import Engine
-    return Engine.from_preset("tiny", max_batch=4, max_len=64, seed=0)
+    from automem_jax.models.tokenizer import load_tokenizer
+    return Engine(tiny_model, load_tokenizer(), max_batch=4, max_len=64, seed=0, model_name="tiny")
 
 
 def test_engine_client_order_tokens_and_errors(engine):
@@ -317,11 +324,11 @@ def test_engine_client_order_tokens_and_errors(engine):
     assert [o.text for o in routed] == [outs[3].text, outs[0].text]
 
 
-def test_engine_spec_loads_a_hugging_face_folder(engine, tmp_path):
+def test_engine_spec_loads_a_hugging_face_folder(engine, tiny_model, tmp_path):
     """make_client builds an engine from an exported HF folder (weights + tokenizer) that answers
     like the engine it was exported from."""
     from automem_jax.models import hf
-    hf.save_pretrained(engine.model, engine.cfg, str(tmp_path), tokenizer=engine.tokenizer)
+    hf.save_pretrained(tiny_model, engine.cfg, str(tmp_path), tokenizer=engine.tokenizer)
     c = make_client({"kind": "engine", "checkpoint": str(tmp_path), "max_batch": 2, "max_len": 64,
                      "model_name": "exported", "temperature": 0, "max_tokens": 3})
     reqs = [req("first"), req("a different question")]
@@ -371,3 +378,130 @@ def test_make_client_errors_name_the_field(spec, message, monkeypatch):
     with pytest.raises(ValueError) as ei:
         make_client(spec)
     assert message in str(ei.value)
+
+
+# ---- submit / drive --------------------------------------------------------------------------
+
+def _wait_all(client, futs, limit=200):
+    for _ in range(limit):
+        if all(f.done() for f in futs):
+            return
+        client.drive([f for f in futs if not f.done()])
+    raise AssertionError("futures never finished")
+
+
+def test_engine_client_submit_drive_step_mode(engine):
+    """Step mode: drive steps the engine on this thread until the first of the pending futures is
+    done (the shortest reply), and the answers equal generate's; a bad request resolves its own
+    future with an error Completion."""
+    assert not engine.background
+    c = EngineClient(engine, temperature=0, max_tokens=8, seed=3)
+    reqs = [req("a long answer please", max_tokens=8), req("short", max_tokens=1), req("word " * 100)]
+    want = c.generate(reqs)
+    steps0 = engine.stats.steps
+    futs = [c.submit(r) for r in reqs]
+    assert not any(f.done() for f in futs)  # nothing runs until someone steps the engine
+    c.drive(futs[:2])
+    assert engine.stats.steps - steps0 <= 2
+    assert futs[1].done() and not futs[0].done()
+    assert futs[2].done() and "prompt has" in futs[2].result().error  # refused at its first step
+    c.drive(futs[:1], timeout=0)  # timeout=0: exactly one step
+    assert engine.stats.steps - steps0 <= 3
+    _wait_all(c, futs)
+    got = [f.result() for f in futs]
+    assert [(o.text, o.tokens_in, o.tokens_out, o.error is None) for o in got] == \
+        [(o.text, o.tokens_in, o.tokens_out, o.error is None) for o in want]
+    assert got[0].model_id == "tiny" and not engine.has_work
+
+
+def test_engine_client_submit_drive_background_mode(engine):
+    c = EngineClient(engine, temperature=0, max_tokens=4)
+    [want] = c.generate([req("background question")])
+    engine.start_background()
+    try:
+        assert not c.steps_engine
+        futs = [c.submit(req("background question")) for _ in range(3)]
+        t0 = time.monotonic()
+        _wait_all(c, futs)
+        assert time.monotonic() - t0 < 60
+        assert all(f.result().text == want.text for f in futs)
+        # generate still works while the engine runs by itself
+        assert c.generate([req("background question")])[0].text == want.text
+    finally:
+        engine.stop_background()
+    assert not engine.background
+
+
+def test_engine_client_submit_failure_is_an_error_completion():
+    class Broken:
+        model_name = "broken"
+        background = False
+
+        def submit(self, request, params):
+            raise RuntimeError("queue is on fire")
+
+        def step(self):
+            return False
+
+    fut = EngineClient(Broken()).submit(req("x"))
+    assert fut.done() and fut.result().error == "engine: RuntimeError: queue is on fire"
+
+
+def test_engine_client_unset_sampling_fields_are_left_to_the_engine(engine):
+    c = EngineClient(engine, max_tokens=4)
+    p = c._params(req("x", stop=["\n"]))
+    assert (p.top_p, p.top_k, p.repetition_penalty) == (None, None, None)
+    assert p.max_tokens == 4 and p.stop == ["\n"]
+    p = EngineClient(engine, top_p=0.9, top_k=20, repetition_penalty=1.1)._params(req("x"))
+    assert (p.top_p, p.top_k, p.repetition_penalty) == (0.9, 20, 1.1)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        EngineClient(engine, repetition_penalty=0)
+
+
+def test_openai_client_submit_drive(fake_api):
+    """Requests run on the client's pool at once; drive returns when the first one is done."""
+    srv = fake_api(lambda k, b, h: (200, ok_body("r:" + b["messages"][0]["content"]), {},
+                                    float(b["messages"][0]["content"])))
+    with client(srv, max_concurrency=4) as c:
+        t0 = time.monotonic()
+        futs = [c.submit(req(d)) for d in ("1.0", "0.05", "0.5")]
+        c.drive(futs, timeout=5)
+        assert futs[1].done() and not futs[0].done()
+        assert time.monotonic() - t0 < 0.9
+        c.drive(futs[:1], timeout=0.01)  # a short timeout: returns without an answer
+        assert not futs[0].done()
+        _wait_all(c, futs)
+        assert [f.result().text for f in futs] == ["r:1.0", "r:0.05", "r:0.5"]
+    closed = c.submit(req("late"))
+    assert closed.done() and "closed" in closed.result().error
+
+
+def test_router_submit_drive_routes_by_role(fake_api, engine):
+    """memory -> an HTTP back end, gameplay/policy -> the engine (stepped by drive); a
+    generate-only back end answers at once; an unknown role is an error Completion."""
+    mem = fake_api(lambda k, b, h: (200, ok_body("mem:" + b["messages"][0]["content"]), {}, 0.2))
+    ec = EngineClient(engine, temperature=0, max_tokens=3)
+    with client(mem) as cm:
+        router = RouterClient(memory=cm, gameplay=ec)
+        roles = ["memory", "gameplay", "policy", "memory", "bogus"]
+        futs = [router.submit(req(f"q{i}", role)) for i, role in enumerate(roles)]
+        assert futs[4].done() and "unknown model_role 'bogus'" in futs[4].result().error
+        _wait_all(router, futs)
+    want = ec.generate([req("q1"), req("q2")])
+    outs = [f.result() for f in futs]
+    assert outs[0].text == "mem:q0" and outs[3].text == "mem:q3" and len(mem.calls) == 2
+    assert [outs[1].text, outs[2].text] == [o.text for o in want] and outs[1].model_id == "tiny"
+    assert not engine.has_work
+
+    # Two clients over one engine are driven as one; a generate-only back end answers at once.
+    both = RouterClient(memory=EngineClient(engine, temperature=0, max_tokens=3), gameplay=ec)
+    futs = [both.submit(req("q1", "memory")), both.submit(req("q2", "gameplay"))]
+    _wait_all(both, futs)
+    assert [f.result().text for f in futs] == [o.text for o in want]
+    srv = fake_api(echo("e:"))
+    with client(srv) as c:
+        rec = Recording(c)
+        fut = RouterClient(memory=rec, gameplay=ec).submit(req("m", "memory"))
+        assert fut.done() and fut.result().text == "e:m" and rec.batches == [["m"]]
+        broken = RouterClient(memory=Recording(fail=True), gameplay=ec).submit(req("m", "memory"))
+        assert "memory client raised RuntimeError: back end exploded" in broken.result().error

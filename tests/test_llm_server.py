@@ -134,6 +134,7 @@ BAD = [
     ({"messages": MSG, "top_p": 0}, 400, "'top_p' must be > 0 and <= 1"),
     ({"messages": MSG, "top_p": 1.5}, 400, "'top_p' must be > 0 and <= 1"),
     ({"messages": MSG, "max_tokens": 0}, 400, "'max_tokens' must be >= 1"),
+    ({"messages": MSG, "repetition_penalty": 0}, 400, "'repetition_penalty' must be > 0"),
     ({"messages": MSG, "max_tokens": "8"}, 400, "'max_tokens' must be an integer"),
     ({"messages": MSG, "max_completion_tokens": -3}, 400, "'max_completion_tokens' must be >= 1"),
     ({"messages": MSG, "stop": [""]}, 400, "'stop' must be"),
@@ -149,6 +150,16 @@ def test_invalid_requests_get_clear_errors(served, body, status, message):
     assert got == status, obj
     _assert_error_shape(obj)
     assert message in obj["error"]["message"]
+
+
+def test_sampling_fields_left_out_stay_unset():
+    """Unset top_p / top_k / repetition_penalty reach the engine as None (its checkpoint defaults
+    apply); given ones pass through (top_k -1 = off = 0)."""
+    from automem_jax.llm.server import parse_chat_body
+    _, p = parse_chat_body({"messages": MSG}, ("tiny",), 64)
+    assert (p.top_p, p.top_k, p.repetition_penalty, p.temperature, p.max_tokens) == (None, None, None, 1.0, 64)
+    _, p = parse_chat_body({"messages": MSG, "top_p": 0.8, "top_k": -1, "repetition_penalty": 1.05}, ("tiny",), 64)
+    assert (p.top_p, p.top_k, p.repetition_penalty) == (0.8, 0, 1.05)
 
 
 def test_unknown_path_wrong_method_and_large_body(served):
@@ -193,7 +204,9 @@ def test_keep_alive_connection_survives_errors(served):
 
 
 def test_32_concurrent_requests_are_batched(served):
-    """32 clients at once (plus one over-long prompt): all answered, in fewer engine calls."""
+    """32 clients at once (plus one over-long prompt, which gets its own 400): all answered, and
+    they shared the engine's decode steps (the engine runs in background mode, so requests that
+    arrive while others decode join the running batch)."""
     handle, _ = served
     client = _client(handle)
     before = handle.stats
@@ -221,10 +234,14 @@ def test_32_concurrent_requests_are_batched(served):
         assert isinstance(r.choices[0].message.content, str)
     assert err is not None and "prompt has" in str(err) and f"at most {MAX_LEN - 1}" in str(err)
     after = handle.stats
-    calls = after["engine_calls"] - before["engine_calls"]
-    assert after["requests_served"] - before["requests_served"] == 33
-    assert 1 <= calls < 32, after
+    assert after["requests_served"] - before["requests_served"] == 33 and after["in_flight"] == 0
     assert after["largest_batch"] > 1
+    # Every reply's first token comes from its prefill, the rest from decode steps: one at a time,
+    # the decode steps would equal the decode-sampled tokens.
+    decode_tokens = sum(r.usage.completion_tokens for r in results) - len(results)
+    decode_steps = after["decode_steps"] - before["decode_steps"]
+    assert decode_tokens >= 32, decode_tokens
+    assert 1 <= 2 * decode_steps <= decode_tokens, (decode_steps, decode_tokens, after)
 
 
 def test_serve_rejects_unset_key_variable(served):
@@ -287,3 +304,42 @@ def test_cli_reports_bad_flags():
     r = subprocess.run([sys.executable, "-m", "automem_jax.llm.server", "--checkpoint", "/nonexistent/model/dir",
                         "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "/nonexistent/model/dir" in r.stderr
+
+
+def test_our_openai_client_submit_drive_against_the_server(served, monkeypatch):
+    """The runner's async path over HTTP: OpenAIClient.submit from one thread, drive until done;
+    each answer is the engine's own greedy answer."""
+    from automem_jax.llm.client import OpenAIClient
+    handle, ref = served
+    monkeypatch.setenv("AUTOMEM_TEST_SERVER_KEY_2", KEY)
+    with OpenAIClient(handle.base_url, "tiny", api_key_env="AUTOMEM_TEST_SERVER_KEY_2", temperature=0,
+                      max_retries=0) as c:
+        futs = [c.submit(ChatRequest(HELLO, "plan", "policy", max_tokens=6)) for _ in range(6)]
+        for _ in range(600):
+            pending = [f for f in futs if not f.done()]
+            if not pending:
+                break
+            c.drive(pending)
+        outs = [f.result() for f in futs]
+    assert all(o.error is None and o.text == ref.text and o.tokens_out == ref.completion_tokens for o in outs), outs
+
+
+def test_serve_runs_the_engine_in_background_only_while_serving():
+    """serve() starts the engine's background thread and close() stops it (the engine is then
+    stepped by its caller again); an engine already in background mode is left running."""
+    engine = Engine.from_preset("tiny", max_batch=2, max_len=64, seed=0)
+    handle = serve(engine)
+    try:
+        assert engine.background
+        status, _, obj = _raw(handle, "POST", "/v1/chat/completions", {"messages": MSG, "max_tokens": 2}, key=None)
+        assert status == 200, obj
+    finally:
+        handle.close()
+    assert not engine.background and not engine.has_work
+    assert engine.generate([ChatRequest(MSG, "plan", "policy", max_tokens=2)])[0].error is None
+    engine.start_background()
+    try:
+        serve(engine).close()
+        assert engine.background  # not ours to stop
+    finally:
+        engine.stop_background()

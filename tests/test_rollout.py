@@ -15,10 +15,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = list(range(42, 50))
 
 
-def _cmd(run_dir):
+def _cmd(run_dir, mode):
     return [sys.executable, "-m", "automem_jax.rollout.runner", "--env", "craftax", "--seeds", "42-49",
             "--run_dir", run_dir, "--num_envs", "4", "--max_steps", "20", "--max_tokens", "8",
-            "--max_batch", "8", "--max_len", "2048", "--no_progress"]
+            "--max_batch", "8", "--max_len", "2048", "--no_progress", "--mode", mode]
 
 
 def _finished(trace_dir):
@@ -26,11 +26,12 @@ def _finished(trace_dir):
 
 
 @pytest.mark.slow
-def test_craftax_run_killed_halfway_resumes_without_loss_or_duplicates(tmp_path):
+@pytest.mark.parametrize("mode", ["async", "tick"])
+def test_craftax_run_killed_halfway_resumes_without_loss_or_duplicates(tmp_path, mode):
     run_dir = str(tmp_path / "run")
     trace_dir = os.path.join(run_dir, "traces", "craftax", "Craftax-Classic")
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(_cmd(run_dir), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(_cmd(run_dir, mode), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 500
     # 4 slots, 8 episodes: kill once the first wave has finished but before the second has.
     def _second_wave_started():
@@ -48,7 +49,7 @@ def test_craftax_run_killed_halfway_resumes_without_loss_or_duplicates(tmp_path)
     assert partial, "the second wave had started writing its traces"
     before = {f: open(os.path.join(trace_dir, f)).read() for f in first}
 
-    r = subprocess.run(_cmd(run_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_cmd(run_dir, mode), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "already finished, resuming" in r.stderr
     done = _finished(trace_dir)
@@ -75,6 +76,7 @@ def test_craftax_run_killed_halfway_resumes_without_loss_or_duplicates(tmp_path)
     assert t["hygiene"]["context_tokens_per_step"] > 500
     assert summary["input_tokens"] > 0 and summary["output_tokens"] > 0
     assert summary["run"]["engine"]["compiles"] >= 2  # how many shapes the resumed run compiled
+    assert summary["run"]["mode"] == mode and summary["run"]["requests"] > 0
 
 
 def test_summary_mean_and_standard_error():
@@ -110,7 +112,8 @@ def test_runner_cli_rejects_bad_seeds(tmp_path):
     assert r.returncode == 2 and "--seeds" in r.stderr
 
 
-def test_non_writer_host_plays_the_same_episodes_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("mode", ["tick", "async"])
+def test_non_writer_host_plays_the_same_episodes_and_writes_nothing(tmp_path, mode):
     """Multi-host: every host plays (SPMD engine calls) but only process 0 writes the run folder."""
     from automem_jax.loops.teacher import TeacherClient
     from automem_jax.memory.structure import MemoryStructure
@@ -121,7 +124,7 @@ def test_non_writer_host_plays_the_same_episodes_and_writes_nothing(tmp_path):
     for writer in (True, False):
         run_dir = tmp_path / ("host0" if writer else "host1")
         runner = Runner(TeacherClient(seed=3), structure, str(run_dir), "craftax", num_envs=2, max_steps=3,
-                        progress=False, writer=writer)
+                        progress=False, writer=writer, mode=mode)
         runs[writer] = runner.run([7, 8])
     assert runs[True]["average_progress"] == runs[False]["average_progress"]
     assert runs[True]["episodes"] == runs[False]["episodes"] == 2

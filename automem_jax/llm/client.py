@@ -5,6 +5,13 @@ request, in order. A failed call becomes ``Completion(text="", error=...)`` and 
 bad call cannot end a rollout of hundreds of agents; configuration mistakes (a missing API-key
 variable, a bad URL, an unknown spec field) raise at construction instead.
 
+Asynchronous use (the rollout runner's default): ``submit(request) -> Future[Completion]`` hands one
+request over at once (a failure becomes an error Completion in the future, never an exception), and
+``drive(pending, timeout=None)`` makes progress until at least one of ``pending`` is done or a short
+timeout passes. An ``EngineClient`` over an engine that is not in background mode steps the engine
+on the calling thread until one of them is done (deterministic: no wall clock is involved, so every
+host of a multi-host run steps the same way); other back ends only wait.
+
 Back ends: ``EngineClient`` (the local batched ``Engine``), ``OpenAIClient`` (any OpenAI-compatible
 ``/v1/chat/completions``: vLLM, hosted APIs, ``automem_jax.llm.server``) and ``RouterClient`` (the
 two-model setup: memory specialist + gameplay/base model). ``make_client(spec)`` builds any of them
@@ -23,8 +30,8 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol, runtime_checkable
 
 from automem_jax.agent.types import ROLE_GAMEPLAY, ROLE_MEMORY, ROLE_POLICY, ChatRequest, Completion
@@ -37,8 +44,73 @@ class Client(Protocol):
     def generate(self, requests: list[ChatRequest]) -> list[Completion]: ...
 
 
+@runtime_checkable
+class AsyncClient(Client, Protocol):
+    """A Client that also takes requests one at a time (see the module docstring)."""
+
+    def submit(self, request: ChatRequest) -> "Future[Completion]": ...
+
+    def drive(self, pending: Collection[Future], timeout: float | None = None) -> None: ...
+
+
+# How long `drive` waits for a back end that runs by itself (HTTP, a background engine) when none
+# of the pending requests finishes; the caller simply calls again.
+DRIVE_TIMEOUT_S = 0.5
+
+
 def _error_completions(n: int, message: str, model_id: str = "") -> list[Completion]:
     return [Completion(text="", error=message, model_id=model_id) for _ in range(n)]
+
+
+def _done_future(completion: Completion) -> "Future[Completion]":
+    f: Future = Future()
+    f.set_result(completion)
+    return f
+
+
+def completion_of(future: Future, model_id: str = "") -> Completion:
+    """The Completion a finished future holds; an exception (or a non-Completion) becomes an error
+    Completion, so whoever reads it never has to catch anything."""
+    try:
+        out = future.result(timeout=0)
+    except BaseException as e:  # noqa: BLE001 - includes CancelledError
+        return Completion(text="", error=f"request failed: {type(e).__name__}: {e}", model_id=model_id)
+    if not isinstance(out, Completion):
+        return Completion(text="", error=f"request produced {type(out).__name__}, not a Completion",
+                          model_id=model_id)
+    return out
+
+
+def submit_via_generate(client: Client, request: ChatRequest, name: str = "client") -> "Future[Completion]":
+    """`submit` for a client that only has `generate`: answers at once, in an already finished
+    future (so there is nothing to drive)."""
+    try:
+        outs = list(client.generate([request]))
+        if len(outs) != 1:
+            raise RuntimeError(f"returned {len(outs)} completions for 1 request")
+        return _done_future(outs[0])
+    except Exception as e:  # noqa: BLE001 - a broken back end fails this request only
+        return _done_future(Completion(text="", error=f"{name} raised {type(e).__name__}: {e}"))
+
+
+def safe_submit(client, request: ChatRequest, name: str = "client") -> "Future[Completion]":
+    """client.submit(request), or `submit_via_generate` for a client without `submit`; an exception
+    becomes an error Completion."""
+    submit = getattr(client, "submit", None)
+    if not callable(submit):
+        return submit_via_generate(client, request, name)
+    try:
+        fut = submit(request)
+    except Exception as e:  # noqa: BLE001
+        return _done_future(Completion(text="", error=f"{name} submit raised {type(e).__name__}: {e}"))
+    if not isinstance(fut, Future):
+        return _done_future(Completion(text="", error=f"{name} submit returned {type(fut).__name__}, "
+                                                       f"not a Future"))
+    return fut
+
+
+def _wait_first(pending: list[Future], timeout: float | None) -> None:
+    wait(pending, timeout=DRIVE_TIMEOUT_S if timeout is None else timeout, return_when=FIRST_COMPLETED)
 
 
 def _check_range(name: str, value, lo=None, hi=None, *, lo_open=False, integer=False, allow_none=False):
@@ -72,17 +144,27 @@ def _engine_lock(engine) -> threading.Lock:
 
 class EngineClient:
     """Adapter over ``automem_jax.llm.engine.Engine``: per-request sampling params from the
-    request's ``stop``/``max_tokens`` and this client's defaults (``max_tokens`` here is a cap)."""
+    request's ``stop``/``max_tokens`` and this client's defaults (``max_tokens`` here is a cap).
+    ``top_p``, ``top_k`` and ``repetition_penalty`` left at None are not sent, so the engine applies
+    the checkpoint's generation_config.json defaults (as vLLM does).
 
-    def __init__(self, engine, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 max_tokens: int | None = None, seed: int | None = None):
+    ``submit``/``drive``: see the module docstring. Only one thread steps an engine at a time: a
+    per-engine lock is shared by every EngineClient over it, and a `drive` that finds another thread
+    stepping waits for its futures instead."""
+
+    def __init__(self, engine, *, temperature: float = 1.0, top_p: float | None = None, top_k: int | None = None,
+                 repetition_penalty: float | None = None, max_tokens: int | None = None, seed: int | None = None):
         _check_range("temperature", temperature, 0)
-        _check_range("top_p", top_p, 0, 1, lo_open=True)
-        _check_range("top_k", top_k, 0, integer=True)
+        _check_range("top_p", top_p, 0, 1, lo_open=True, allow_none=True)
+        _check_range("top_k", top_k, 0, integer=True, allow_none=True)
+        _check_range("repetition_penalty", repetition_penalty, 0, lo_open=True, allow_none=True)
         _check_range("max_tokens", max_tokens, 1, integer=True, allow_none=True)
         _check_range("seed", seed, integer=True, allow_none=True)
         self.engine = engine
-        self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
+        self.temperature = float(temperature)
+        self.top_p = None if top_p is None else float(top_p)
+        self.top_k = None if top_k is None else int(top_k)
+        self.repetition_penalty = None if repetition_penalty is None else float(repetition_penalty)
         self.max_tokens, self.seed = max_tokens, seed
         self._lock = _engine_lock(engine)
 
@@ -90,15 +172,24 @@ class EngineClient:
     def model_id(self) -> str:
         return getattr(self.engine, "model_name", "")
 
+    @property
+    def steps_engine(self) -> bool:
+        """Whether `drive` steps the engine on the calling thread (it is not in background mode)."""
+        return callable(getattr(self.engine, "step", None)) and not getattr(self.engine, "background", False)
+
     def __repr__(self) -> str:
         return (f"EngineClient(model={self.model_id!r}, temperature={self.temperature}, top_p={self.top_p}, "
-                f"top_k={self.top_k}, max_tokens={self.max_tokens})")
+                f"top_k={self.top_k}, repetition_penalty={self.repetition_penalty}, max_tokens={self.max_tokens})")
 
     def _params(self, r: ChatRequest):
         from automem_jax.llm.engine import SamplingParams
         limit = r.max_tokens if self.max_tokens is None else min(r.max_tokens, self.max_tokens)
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=limit, stop=list(r.stop) if r.stop else None, seed=self.seed)
+        kw: dict[str, Any] = dict(temperature=self.temperature, max_tokens=limit,
+                                  stop=list(r.stop) if r.stop else None, seed=self.seed)
+        for name in ("top_p", "top_k", "repetition_penalty"):  # unset: the engine's defaults
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)
+        return SamplingParams(**kw)
 
     def _call(self, requests: list[ChatRequest]) -> list[Completion]:
         params = [self._params(r) for r in requests]
@@ -121,6 +212,59 @@ class EngineClient:
                 log.warning("engine call failed: %s: %s", type(e).__name__, e)
                 return _error_completions(1, f"engine: {type(e).__name__}: {e}", self.model_id)
         return [self.generate([r])[0] for r in requests]
+
+    # -- one request at a time --
+    def _completion(self, out) -> Completion:
+        error = getattr(out, "error", None)
+        if error is None and getattr(out, "finish_reason", None) == "error":
+            error = "the engine rejected the request"
+        return Completion(text=out.text if error is None else "", tokens_in=int(out.prompt_tokens),
+                          tokens_out=int(out.completion_tokens), error=error, model_id=self.model_id)
+
+    def submit(self, request: ChatRequest) -> "Future[Completion]":
+        """Queues one request on the engine; the future resolves when the engine finishes it (the
+        engine's background thread, or whoever steps it: `drive`, `generate`)."""
+        if not callable(getattr(self.engine, "submit", None)):  # an engine without a scheduler
+            return _done_future(self.generate([request])[0])
+        try:
+            inner = self.engine.submit(request, self._params(request))
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            log.warning("engine submit failed: %s: %s", type(e).__name__, e)
+            return _done_future(Completion(text="", error=f"engine: {type(e).__name__}: {e}",
+                                           model_id=self.model_id))
+        out: Future = Future()
+
+        def resolve(f: Future) -> None:
+            try:
+                c = self._completion(f.result())
+            except BaseException as e:  # noqa: BLE001 - includes CancelledError
+                c = Completion(text="", error=f"engine: {type(e).__name__}: {e}", model_id=self.model_id)
+            out.set_result(c)
+
+        inner.add_done_callback(resolve)  # runs at once if `inner` is already done
+        return out
+
+    def drive(self, pending: Collection[Future], timeout: float | None = None) -> None:
+        """Progress until one of `pending` is done. Step mode: steps the engine on this thread until
+        then (timeout=0: one step), with no wall clock involved; background mode, or while another
+        thread holds the engine, waits up to `timeout` (default DRIVE_TIMEOUT_S)."""
+        pending = list(pending)
+        if not pending or any(f.done() for f in pending):
+            return
+        if not self.steps_engine or not self._lock.acquire(blocking=False):
+            _wait_first(pending, timeout)
+            return
+        try:
+            while True:
+                more = self.engine.step()
+                if timeout == 0 or any(f.done() for f in pending):
+                    return
+                if not more:
+                    # Nothing left to run, yet none of these finished: they are not this engine's.
+                    raise RuntimeError(f"drive: the engine has no work left but none of the {len(pending)} "
+                                       f"pending requests is done (were they submitted to another client?)")
+        finally:
+            self._lock.release()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +422,19 @@ class OpenAIClient:
             return _error_completions(len(requests), str(e), self.model)
         return list(pool.map(self._one, requests))
 
+    def submit(self, request: ChatRequest) -> "Future[Completion]":
+        """Sends one request from the client's thread pool (at most `max_concurrency` in flight)."""
+        try:
+            return self._executor().submit(self._one, request)
+        except RuntimeError as e:  # closed (or the pool is shutting down)
+            return _done_future(Completion(text="", error=str(e), model_id=self.model))
+
+    def drive(self, pending: Collection[Future], timeout: float | None = None) -> None:
+        """The requests run by themselves: waits until one of `pending` is done, or `timeout`."""
+        pending = list(pending)
+        if pending and not any(f.done() for f in pending):
+            _wait_first(pending, timeout)
+
     # -- one request --
     def _body(self, r: ChatRequest) -> bytes:
         body: dict[str, Any] = {"model": self.model, "messages": list(r.messages)}
@@ -407,7 +564,11 @@ class OpenAIClient:
 
 class RouterClient:
     """Sends ``memory`` requests to the memory specialist and ``gameplay``/``policy`` requests to
-    the gameplay (base) model; both sub-batches run at once and come back in request order."""
+    the gameplay (base) model; both sub-batches run at once and come back in request order.
+
+    ``submit`` routes the same way (a back end without ``submit`` answers at once through its
+    ``generate``); ``drive`` drives each back end for the futures it owns. Two back ends over one
+    engine are driven as one; two that each need stepping take one step in turn (deterministic)."""
 
     ROUTES = {ROLE_MEMORY: "memory", ROLE_GAMEPLAY: "gameplay", ROLE_POLICY: "gameplay"}
 
@@ -417,9 +578,67 @@ class RouterClient:
                 raise TypeError(f"RouterClient: {name} must have a generate(requests) method, "
                                 f"got {type(c).__name__}")
         self.memory, self.gameplay = memory, gameplay
+        # future -> the route that owns it (dropped with the future)
+        self._owner: "weakref.WeakKeyDictionary[Future, str]" = weakref.WeakKeyDictionary()
+        self._owner_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RouterClient(memory={self.memory!r}, gameplay={self.gameplay!r})"
+
+    def submit(self, request: ChatRequest) -> "Future[Completion]":
+        route = self.ROUTES.get(getattr(request, "model_role", None))
+        if route is None:
+            return _done_future(Completion(text="", error=f"unknown model_role {request.model_role!r}; expected "
+                                                          f"one of {', '.join(self.ROUTES)}"))
+        fut = safe_submit(getattr(self, route), request, f"{route} client")
+        if not fut.done():
+            with self._owner_lock:
+                self._owner[fut] = route
+        return fut
+
+    @staticmethod
+    def _drive_key(client) -> int:
+        # Two EngineClients over one engine are driven as one (either can step it).
+        return id(client.engine) if isinstance(client, EngineClient) else id(client)
+
+    def drive(self, pending: Collection[Future], timeout: float | None = None) -> None:
+        pending = list(pending)
+        if not pending or any(f.done() for f in pending):
+            return
+        groups: dict[int, tuple[Any, list[Future]]] = {}
+        with self._owner_lock:
+            owners = [(f, self._owner.get(f)) for f in pending]
+        for f, route in owners:
+            if route is None:
+                continue
+            client = getattr(self, route)
+            if not callable(getattr(client, "drive", None)):
+                continue
+            groups.setdefault(self._drive_key(client), (client, []))[1].append(f)
+        if not groups:
+            _wait_first(pending, timeout)
+            return
+        if len(groups) == 1:
+            client, futs = next(iter(groups.values()))
+            client.drive(futs, timeout)
+            return
+        # Several back ends: a round gives each the least progress (one engine step, or a poll).
+        budget = DRIVE_TIMEOUT_S if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        stepping = any(getattr(c, "steps_engine", False) for c, _ in groups.values())
+        while True:
+            for client, futs in groups.values():
+                client.drive(futs, 0)
+            if any(f.done() for f in pending):
+                return
+            left = deadline - time.monotonic()
+            if stepping:
+                if timeout == 0:
+                    return
+                continue  # an engine step is progress by itself; no wall clock decides when to stop
+            if left <= 0:
+                return
+            wait(pending, timeout=min(left, 0.01), return_when=FIRST_COMPLETED)
 
     @staticmethod
     def _safe(client: Client, requests: list[ChatRequest], name: str) -> list[Completion]:
@@ -471,7 +690,9 @@ def load_engine(checkpoint: str, *, max_batch: int = 16, max_len: int = 2048, se
                 tokenizer: str | None = None, dtype: str | None = None, model_name: str | None = None,
                 mesh=None):
     """An Engine from ``preset:<name>`` (random weights, offline Qwen3 tokenizer) or a local/gs://
-    Hugging Face folder (weights via ``hf.load_pretrained``; tokenizer from `tokenizer` or the folder)."""
+    Hugging Face folder (weights via ``hf.load_pretrained``; tokenizer from `tokenizer` or the folder;
+    its generation_config.json's top_p / top_k / repetition_penalty become the engine's defaults for
+    requests that leave them unset)."""
     if not isinstance(checkpoint, str) or not checkpoint:
         raise ValueError(f"checkpoint must be 'preset:<name>' or a model folder, got {checkpoint!r}")
     if not checkpoint.startswith(("preset:", "gs://")) and not os.path.isdir(checkpoint):
@@ -493,12 +714,13 @@ def load_engine(checkpoint: str, *, max_batch: int = 16, max_len: int = 2048, se
         raise ValueError(f"checkpoint {checkpoint!r}: no usable tokenizer ({e}); pass a tokenizer folder") from e
     model, _ = hf.load_pretrained(checkpoint, dtype=dtype, mesh=mesh)
     name = model_name or checkpoint.rstrip("/").rsplit("/", 1)[-1]
-    return Engine(model, tok, seed=seed, model_name=name, **kw)
+    from automem_jax.llm.engine import generation_defaults
+    return Engine(model, tok, seed=seed, model_name=name, sampling_defaults=generation_defaults(checkpoint), **kw)
 
 
 _SPEC_FIELDS = {
     "engine": {"kind", "checkpoint", "max_batch", "max_len", "seed", "tokenizer", "dtype", "model_name",
-               "temperature", "top_p", "top_k", "max_tokens"},
+               "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens"},
     "openai": {"kind", "base_url", "model", "api_key_env", "timeout", "max_retries", "backoff", "backoff_max",
                "max_concurrency", "temperature", "top_p", "max_tokens", "extra_body"},
     "router": {"kind", "memory", "gameplay"},
@@ -544,8 +766,8 @@ def make_client(spec: Mapping[str, Any], *, engine=None, _where: str = "client")
     """Builds a Client from a config mapping:
 
     ``{"kind": "engine", "checkpoint": "preset:tiny" | <hf folder>, "max_batch", "max_len", "seed",
-    "temperature", "top_p", "top_k", "max_tokens"}`` (``engine=`` reuses an already built Engine and
-    then needs no checkpoint), ``{"kind": "openai", "base_url", "model", "api_key_env", ...}`` (the
+    "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens"}`` (``engine=`` reuses an
+    already built Engine and then needs no checkpoint), ``{"kind": "openai", "base_url", "model", "api_key_env", ...}`` (the
     OpenAIClient arguments), ``{"kind": "router", "memory": <spec>, "gameplay": <spec>}``.
     Errors name the offending field, e.g. ``client.memory.base_url``.
     """

@@ -1,27 +1,40 @@
-"""Batched generation on the NNX Qwen with a slot-based KV cache.
+"""The in-process inference engine: a paged KV cache, a scheduler, and a serving layout of its own.
 
-The engine owns one KV cache of `max_batch` rows ("slots") x `max_len` positions. A `generate`
-call queues its requests; every tick admits waiting requests into free slots (one jitted prefill
-for all of them) and then advances every busy slot by one token (one jitted decode step), so a
-finished slot takes the next request at once (continuous batching).
+Requests are submitted one at a time (`submit` -> a Future of `GenOutput`); `step()` runs one
+scheduler iteration:
+  1. admit waiting requests while rows and pages allow (pages for the whole reply are reserved at
+     admission, so a running sequence never waits for memory and is never preempted);
+  2. prefill at most `prefill_chunk` prompt tokens, spread over the admitted rows, so a long
+     prompt is prefilled in chunks and decoding rows never stall for a whole prompt;
+  3. one decode step for every row that has its prompt in the cache.
+Finished rows resolve their future at once and free their row for the next request.
 
-Prefix reuse: a slot keeps its tokens after its request finishes. A new prompt that starts with
-the tokens a free slot still holds (the next turn of the same LOG/PLAN phase, whose chat extends
-the previous one) is placed in that slot and only its new suffix is prefilled. Slots are
-contiguous (token i at position i), so reuse is exact.
+The cache is paged (`kv_pages.PagePool`): per layer a pool of pages of `page_size` tokens, donated
+to every jitted step, so writes land in place and a step reads only the pages its rows reach
+(bucketed): the cost of a step follows the tokens attended, not the pool size. Full pages are
+shared across requests through an exact prefix cache: the instruction text every agent's prompt
+starts with is prefilled once; a request whose prefix another admitted request is computing waits
+one step for it rather than computing it again. Idle cached pages are evicted LRU when pages run
+short; live pages never are.
 
-Compiles stay bounded: prefill shapes are bucketed (batch and length to powers of two), decode
-has one shape. `stats.compiles` counts the distinct shapes compiled.
+Serving layout: with a mesh, the weights are placed by `rules` (default `SERVING_RULES`: weights
+replicated over `data`, split over `tensor`; never gathered per token), independent of training's.
+Multi-host: every host runs the same `submit`/`step` sequence (the scheduler is deterministic: no
+timing, no string hashing), host inputs are identical and replicated, and sampled tokens come back
+replicated, so no host reads another's shard. `start_background()` runs `step` on a thread for a
+server (one host); `submit` is thread-safe in both modes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import math
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, InvalidStateError
 
 import jax
 import jax.numpy as jnp
@@ -29,44 +42,79 @@ import numpy as np
 from flax import nnx
 
 from automem_jax.agent.types import ChatRequest, Completion
-from automem_jax.models.qwen import CACHE_AXES, KVCache, Qwen
+from automem_jax.llm.kv_pages import PagePool
+from automem_jax.models.qwen import PAGE_POOL_AXES, Qwen, abstract_model
 
 log = logging.getLogger(__name__)
+
+# Sampling fields a request may leave unset; the engine fills them from the checkpoint's
+# generation_config.json (vLLM's default) or these neutral values.
+NEUTRAL_SAMPLING = {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
 @dataclasses.dataclass
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k cut
+    top_p: float | None = None  # None: the engine's default (generation_config.json, else 1.0)
+    top_k: int | None = None  # 0 = no top-k cut; None: the engine's default
     max_tokens: int = 256
     stop: list[str] | None = None  # generation ends at the first of these strings
     seed: int | None = None  # None: derived from the engine seed and a request counter
     include_stop_str_in_output: bool = False
+    repetition_penalty: float | None = None  # > 1 discourages tokens already in prompt or reply
 
     def validate(self) -> None:
-        if not (self.temperature >= 0):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not (0 < self.top_p <= 1):
+        if self.top_p is not None and not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
+        if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.max_tokens < 1:
+        if self.repetition_penalty is not None and not (self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.stop is not None and (not isinstance(self.stop, list) or
                                       not all(isinstance(s, str) and s for s in self.stop)):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
 
+    def resolved(self, defaults: dict) -> "SamplingParams":
+        p = dataclasses.replace(self)
+        for name, neutral in NEUTRAL_SAMPLING.items():
+            if getattr(p, name) is None:
+                setattr(p, name, defaults.get(name, neutral))
+        return p
+
     @property
     def mode(self) -> str:
         if self.temperature <= 0:
             return "greedy"
-        return "filtered" if (self.top_k > 0 or self.top_p < 1) else "sample"
+        return "filtered" if ((self.top_k or 0) > 0 or (self.top_p or 1.0) < 1) else "sample"
 
 
 def _batch_mode(params) -> str:
     modes = {p.mode for p in params}
     return "filtered" if "filtered" in modes else "sample" if "sample" in modes else "greedy"
+
+
+def generation_defaults(folder: str) -> dict:
+    """top_p / top_k / repetition_penalty from a checkpoint's generation_config.json ({} if none)."""
+    import json
+
+    from automem_jax import storage
+    path = storage.join(folder, "generation_config.json")
+    try:
+        if not storage.exists(path):
+            return {}
+        d = json.loads(storage.read_text(path))
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable (%s); using neutral sampling defaults", path, e)
+        return {}
+    out = {}
+    for name, kind in (("top_p", float), ("top_k", int), ("repetition_penalty", float)):
+        if isinstance(d.get(name), (int, float)) and not isinstance(d.get(name), bool):
+            out[name] = kind(d[name])
+    return out
 
 
 @dataclasses.dataclass
@@ -76,7 +124,7 @@ class GenOutput:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or stop string), "length", or "error"
-    cached_tokens: int = 0  # prompt tokens reused from a slot's cache
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None
 
 
@@ -85,23 +133,31 @@ class EngineStats:
     compiles: int = 0
     prefill_calls: int = 0
     decode_steps: int = 0
+    steps: int = 0
     requests: int = 0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
+    prefilled_tokens: int = 0
     generated_tokens: int = 0
+    deferred_admissions: int = 0  # waited a step for another request's prefix
+    evicted_pages: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["prefix_hit_rate"] = self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        return d
 
 
-def _buckets(limit: int, start: int, linear_from: int | None = None) -> list[int]:
-    """Powers of two from `start`; past `linear_from`, steps of `linear_from / 2` (less padding
-    waste on long prompts for a few more compiles)."""
+def _buckets(limit: int, start: int, linear_from: int | None = None, multiple: int = 1) -> list[int]:
+    """Powers of two from `start`; past `linear_from`, steps of `linear_from / 2`; every bucket a
+    multiple of `multiple` (a page), the last one `limit` itself."""
     out, b = [], start
     while b < limit:
-        out.append(b)
+        v = -(-b // multiple) * multiple
+        if v < limit and (not out or v > out[-1]):
+            out.append(v)
         b = b * 2 if linear_from is None or b < linear_from else b + linear_from // 2
     out.append(limit)
     return out
@@ -141,42 +197,71 @@ def _sample(logits, keys, steps, temp, top_p, top_k, mode: str):
     return jnp.where(temp <= 0, greedy, sampled).astype(jnp.int32)
 
 
+def _penalize(logits, seen, penalty):
+    """Repetition penalty as transformers / vLLM apply it: logits of tokens already in the prompt
+    or the reply are divided by `penalty` when positive, multiplied when negative.
+    seen [B, U]: token ids (-1 = padding)."""
+    B, V = logits.shape
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], seen.shape)
+    mask = jnp.zeros((B, V), bool).at[rows, jnp.where(seen < 0, V, seen)].set(True, mode="drop")
+    p = penalty[:, None]
+    return jnp.where(mask, jnp.where(logits > 0, logits / p, logits * p), logits)
+
+
 @dataclasses.dataclass
-class _Slot:
-    tokens: list[int] = dataclasses.field(default_factory=list)  # what the cache row holds, in order
-    req: int | None = None  # request index while busy
+class _Seq:
+    """One request from admission to finish."""
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    future: Future
+    key: np.ndarray
+    limit: int
+    tokens: list[int] = dataclasses.field(default_factory=list)  # prompt + generated (no EOS)
     generated: list[int] = dataclasses.field(default_factory=list)
-    params: SamplingParams | None = None
-    key: np.ndarray | None = None
-    last_used: float = 0.0
-    prompt_len: int = 0
-    limit: int = 0  # max new tokens for this request
-    cached: int = 0
+    pages: list[int] = dataclasses.field(default_factory=list)
+    block_ids: list[int] = dataclasses.field(default_factory=list)  # prefix-cache ids of full blocks
+    computed: int = 0  # tokens whose KV is in the cache
+    cached: int = 0  # prompt tokens found in the prefix cache
+    seen: set = dataclasses.field(default_factory=set)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt)
 
 
 class Engine:
-    """Continuous-batching generator. Not thread-safe: call it from one thread."""
+    """Paged, continuously batched generation with a deterministic scheduler (see module doc)."""
 
     def __init__(self, model: Qwen, tokenizer, *, max_batch: int = 16, max_len: int = 2048,
-                 mesh: jax.sharding.Mesh | None = None, seed: int = 0, prefix_reuse: bool = True,
-                 min_prefix: int = 8, min_prefill_bucket: int = 32, model_name: str = "automem-policy",
-                 chat_template_kwargs: dict | None = None):
+                 mesh: jax.sharding.Mesh | None = None, rules=None, seed: int = 0, page_size: int = 16,
+                 cache_tokens: int | None = None, prefill_chunk: int = 512, prefix_cache: bool = True,
+                 model_name: str = "automem-policy", chat_template_kwargs: dict | None = None,
+                 sampling_defaults: dict | None = None):
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch must be >= 1 and max_len >= 2, got {max_batch}, {max_len}")
-        self.model = model
+        if page_size < 1 or prefill_chunk < 1:
+            raise ValueError(f"page_size and prefill_chunk must be >= 1, got {page_size}, {prefill_chunk}")
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_len = max_len
         self.mesh = mesh
-        self.prefix_reuse = prefix_reuse
-        self.min_prefix = min_prefix
+        self.page_size = P = page_size
+        self.prefill_chunk = prefill_chunk
+        self.prefix_cache = prefix_cache
         self.model_name = model_name
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.sampling_defaults = dict(sampling_defaults or {})
         self.stats = EngineStats()
-        self._seen_shapes: set = set()
-        self._counter = 0
-        self._seed = seed
+        self.pages_per_seq = -(-max_len // P)
+        cache_tokens = cache_tokens or max_batch * max_len
+        num_pages = -(-cache_tokens // P)
+        if num_pages < self.pages_per_seq:
+            raise ValueError(f"cache_tokens={cache_tokens} holds {num_pages} pages of {P}, fewer than one "
+                             f"max_len={max_len} sequence needs ({self.pages_per_seq})")
+        self.pool = PagePool(num_pages, P)
+        self.pool_tokens = num_pages * P
         eos = self.cfg.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         for attr in ("eos_token_id", "pad_token_id"):
@@ -185,11 +270,25 @@ class Engine:
                 eos.add(int(tid))
         self.eos_ids = eos
         self.batch_buckets = _buckets(max_batch, 1)
-        self.len_buckets = _buckets(max_len, min(min_prefill_bucket, max_len), linear_from=1024)
-        self.slots = [_Slot() for _ in range(max_batch)]
-        self._graphdef, self._state = nnx.split(model)
-        self._cache = self._new_cache()
-        self._tokens = np.zeros((max_batch,), np.int32)
+        self.chunk_buckets = _buckets(prefill_chunk, min(16, prefill_chunk))
+        self.kv_buckets = _buckets(self.pages_per_seq * P, min(64, self.pages_per_seq * P), linear_from=2048,
+                                   multiple=P)
+        if rules is None and mesh is not None:
+            from automem_jax.parallel import mesh as mesh_lib
+            rules = getattr(mesh_lib, "SERVING_RULES", mesh_lib.DEFAULT_RULES)
+        self.rules = rules
+        self._seen_shapes: set = set()
+        self._counter = 0
+        self._seed = seed
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._incoming: deque[tuple] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._graphdef, self._state = self._serving_state(model)
+        self._pools = self._new_pools()
         self._build_fns()
 
     @classmethod
@@ -199,54 +298,125 @@ class Engine:
         model = init_model(preset(name), seed=seed)
         return cls(model, tokenizer or load_tokenizer(), seed=seed, model_name=name, **kw)
 
-    # ---- device functions ----------------------------------------------------------------------
-    def _new_cache(self) -> KVCache:
-        cache = KVCache.init(self.cfg, self.max_batch, self.max_len)
+    # ---- device state --------------------------------------------------------------------------
+    def _ctx(self):
         if self.mesh is None:
-            return cache
+            return contextlib.nullcontext()
+        from automem_jax.parallel.mesh import use_rules
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(use_rules(self.rules))
+        return stack
+
+    def _serving_state(self, model: Qwen):
+        """Per-layer weights (a scanned model is unstacked) in the serving layout."""
+        cfg = model.cfg
+        graphdef, state = nnx.split(model)
+        if cfg.scan_layers:
+            flat_cfg = cfg.replace(scan_layers=False)
+            graphdef, abs_state = nnx.split(abstract_model(flat_cfg))
+            stacked = state["layers"]
+            layers = {i: jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.num_layers)}
+            pure = nnx.to_pure_dict(state)
+            pure["layers"] = {i: nnx.to_pure_dict(layers[i]) for i in range(cfg.num_layers)}
+            nnx.replace_by_pure_dict(abs_state, pure)
+            state = abs_state
+            self.cfg = flat_cfg
+        if self.mesh is None:
+            return graphdef, state
+        from automem_jax.parallel.mesh import state_shardings
+        shardings = state_shardings(state, self.mesh, self.rules)
+        with self._ctx():
+            state = jax.jit(lambda s: s, out_shardings=shardings)(state)
+        return graphdef, state
+
+    def _sharding(self, names=None, shape=None):
         from automem_jax.parallel.mesh import named_sharding
-        kv = named_sharding(self.mesh, CACHE_AXES, cache.k.shape)
-        row = named_sharding(self.mesh, ("batch", "cache_length"), cache.mask.shape)
-        vec = named_sharding(self.mesh, ("batch",), cache.index.shape)
-        return KVCache(jax.device_put(cache.k, kv), jax.device_put(cache.v, kv), jax.device_put(cache.mask, row),
-                       jax.device_put(cache.index, vec), jax.device_put(cache.pos, vec))
+        return named_sharding(self.mesh, names, shape, self.rules)
+
+    def _new_pools(self):
+        cfg = self.cfg
+        shape = (self.pool_tokens, cfg.num_kv_heads, cfg.head_dim)
+        dtype = jnp.dtype(cfg.dtype)
+
+        def make():
+            return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+        if self.mesh is None:
+            return make()
+        sh = self._sharding(PAGE_POOL_AXES, shape)
+        with self._ctx():
+            return jax.jit(make, out_shardings=[(sh, sh)] * cfg.num_layers)()
 
     def _build_fns(self):
         graphdef = self._graphdef
-        S = self.max_len
 
-        def prefill(state, cache, slots, ids, mask, start, keys, steps, temp, top_p, top_k, mode, kv_len):
+        def run(state, pools, ids, positions, write_idx, read_idx, logits_at, keys, steps, temp, top_p, top_k,
+                penalty, seen, mode, penalize):
             model = nnx.merge(graphdef, state)
-            rows = lambda a: jnp.take(a, slots, axis=1, mode="clip")  # noqa: E731
-            sub = KVCache(rows(cache.k), rows(cache.v), jnp.take(cache.mask, slots, axis=0, mode="clip"),
-                          start, start)
-            n = mask.sum(axis=1).astype(jnp.int32)
-            logits, sub = model.forward_with_cache(ids, sub, mask, logits_at=jnp.maximum(n - 1, 0), kv_len=kv_len)
-            tok = _sample(logits[:, 0], keys, steps, temp, top_p, top_k, mode)
-            put = lambda full, part: full.at[:, slots].set(part, mode="drop")  # noqa: E731
-            new = KVCache(put(cache.k, sub.k), put(cache.v, sub.v),
-                          cache.mask.at[slots].set(sub.mask, mode="drop"),
-                          cache.index.at[slots].set(start + n, mode="drop"),
-                          cache.pos.at[slots].set(start + n, mode="drop"))
-            return new, tok
+            logits, pools = model.forward_paged(ids, positions, pools, write_idx, read_idx, logits_at)
+            logits = logits[:, 0]
+            if penalize:
+                logits = _penalize(logits, seen, penalty)
+            return pools, _sample(logits, keys, steps, temp, top_p, top_k, mode)
 
-        def decode(state, cache, tokens, active, keys, steps, temp, top_p, top_k, mode, kv_len):
-            model = nnx.merge(graphdef, state)
-            # Idle rows write their garbage at the last position, past anything reusable.
-            idle_index = jnp.where(active, cache.index, S - 1)
-            c = cache._replace(index=idle_index, pos=jnp.where(active, cache.pos, S - 1))
-            logits, c = model.forward_with_cache(tokens[:, None], c, kv_len=kv_len)
-            tok = _sample(logits[:, 0], keys, steps, temp, top_p, top_k, mode)
-            c = c._replace(index=jnp.where(active, idle_index + 1, cache.index),
-                           pos=jnp.where(active, c.pos, cache.pos))
-            return c, tok
+        kw = {}
+        if self.mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+            pool_sh = self._sharding(PAGE_POOL_AXES, (self.pool_tokens, self.cfg.num_kv_heads, self.cfg.head_dim))
+            kw["out_shardings"] = ([(pool_sh, pool_sh)] * self.cfg.num_layers, NamedSharding(self.mesh, PartitionSpec()))
+        self._run = jax.jit(run, static_argnums=(14, 15), donate_argnums=(1,), **kw)
 
-        self._prefill = jax.jit(prefill, static_argnums=(11, 12), donate_argnums=(1,))
-        self._decode = jax.jit(decode, static_argnums=(9, 10), donate_argnums=(1,))
+    def _put(self, *arrays):
+        """Host arrays onto the device: replicated over the mesh (identical on every host)."""
+        if self.mesh is None:
+            return [jnp.asarray(a) for a in arrays]
+        from jax.sharding import NamedSharding, PartitionSpec
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        return [jax.device_put(a, rep) for a in arrays]
 
-    def _mesh_ctx(self):
-        import contextlib
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+    def _call(self, kind: str, ids, positions, write_idx, read_idx, logits_at, rows: list[_Seq], steps):
+        B = ids.shape[0]
+        keys = np.zeros((B, 2), np.uint32)
+        temp = np.zeros((B,), np.float32)
+        top_p = np.ones((B,), np.float32)
+        top_k = np.zeros((B,), np.int32)
+        penalty = np.ones((B,), np.float32)
+        for r, s in enumerate(rows):
+            if s is None:
+                continue
+            p = s.params
+            keys[r], temp[r], top_p[r], top_k[r], penalty[r] = s.key, p.temperature, p.top_p, p.top_k, \
+                p.repetition_penalty
+        live = [s for s in rows if s is not None]
+        mode = _batch_mode(s.params for s in live)
+        penalize = any(s.params.repetition_penalty != 1.0 for s in live)
+        if penalize:
+            width = _bucket(max(len(s.seen) for s in live), _buckets(self.max_len + self.cfg.vocab_size, 64))
+            seen = np.full((B, width), -1, np.int32)
+            for r, s in enumerate(rows):
+                if s is not None and s.params.repetition_penalty != 1.0:
+                    seen[r, :len(s.seen)] = sorted(s.seen)
+        else:
+            seen = np.full((B, 1), -1, np.int32)
+        self._note_shape((kind, ids.shape, read_idx.shape[1], mode, penalize, seen.shape[1]))
+        args = self._put(ids, positions, write_idx, read_idx, logits_at, keys, steps, temp, top_p, top_k,
+                         penalty, seen)
+        with self._ctx():
+            self._pools, tok = self._run(self._state, self._pools, *args, mode, penalize)
+        return np.asarray(tok)
+
+    def lower_decode(self, batch: int | None = None, kv_tokens: int | None = None):
+        """The decode step lowered with the engine's real shardings (HLO inspection in tests)."""
+        B = batch or self.max_batch
+        S = kv_tokens or self.kv_buckets[0]
+        z = np.zeros((B, 1), np.int32)
+        args = self._put(z, z, z, np.zeros((B, S), np.int32), np.zeros((B,), np.int32),
+                         np.zeros((B, 2), np.uint32), np.zeros((B,), np.int32), np.zeros((B,), np.float32),
+                         np.ones((B,), np.float32), np.zeros((B,), np.int32), np.ones((B,), np.float32),
+                         np.full((B, 1), -1, np.int32))
+        with self._ctx():
+            return self._run.lower(self._state, self._pools, *args, "greedy", False)
 
     def _note_shape(self, key) -> None:
         if key not in self._seen_shapes:
@@ -259,6 +429,41 @@ class Engine:
         return apply_chat_template(self.tokenizer, messages, add_generation_prompt=True,
                                    **self.chat_template_kwargs)
 
+    def submit(self, prompt: list[int] | ChatRequest, params: SamplingParams | None = None) -> Future:
+        """Queues one request; the Future resolves to its GenOutput (an error output for a bad
+        request, which never affects the others). Thread-safe."""
+        fut: Future = Future()
+        if isinstance(prompt, ChatRequest):
+            req = prompt
+            params = params or self._params_for([req], None)[0]
+            try:
+                prompt = self.encode_chat(req.messages)
+            except Exception as e:  # noqa: BLE001 - a malformed chat fails that request only
+                prompt = e
+        params = params or SamplingParams()
+        with self._wake:
+            self._incoming.append((prompt, params, fut))
+            self._wake.notify()
+        return fut
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._incoming or self._waiting or self._running)
+
+    @property
+    def background(self) -> bool:
+        return self._thread is not None
+
+    def run_until(self, futures: Sequence[Future]) -> None:
+        """Steps (or, in background mode, waits) until every future is done."""
+        for f in futures:
+            while not f.done():
+                if self.background:
+                    f.exception()  # waits
+                elif not self.step():
+                    if not f.done():
+                        raise RuntimeError("engine is idle but a request is unresolved")
+
     def generate(self, requests: Sequence[ChatRequest],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
         outs = self.generate_full(requests, params)
@@ -268,13 +473,9 @@ class Engine:
     def generate_full(self, requests: Sequence[ChatRequest],
                       params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenOutput]:
         plist = self._params_for(requests, params)
-        prompts = []
-        for r in requests:
-            try:
-                prompts.append(self.encode_chat(r.messages))
-            except Exception as e:  # noqa: BLE001 - a malformed chat fails that request only
-                prompts.append(e)
-        return self.generate_ids(prompts, plist)
+        futs = [self.submit(r, p) for r, p in zip(requests, plist)]
+        self.run_until(futs)
+        return [f.result() for f in futs]
 
     def _params_for(self, requests, params) -> list[SamplingParams]:
         if params is None or isinstance(params, SamplingParams):
@@ -294,149 +495,260 @@ class Engine:
 
     def generate_ids(self, prompts: Sequence[list[int] | Exception], params: Sequence[SamplingParams]) -> list[GenOutput]:
         """Token-level entry point. A prompt that is an Exception (or too long) yields an error output."""
-        outputs: list[GenOutput | None] = [None] * len(prompts)
-        queue: deque[int] = deque()
-        for i, (p, sp) in enumerate(zip(prompts, params)):
-            problem = None
-            if isinstance(p, Exception):
-                problem = f"could not build the prompt: {p}"
-            else:
-                try:
-                    sp.validate()
-                except ValueError as e:
-                    problem = str(e)
-                if problem is None and len(p) == 0:
-                    problem = "empty prompt"
-                if problem is None and len(p) >= self.max_len:
-                    problem = f"prompt has {len(p)} tokens; this engine holds at most {self.max_len - 1}"
-            if problem:
-                outputs[i] = GenOutput("", [], 0 if isinstance(p, Exception) else len(p), 0, "error", error=problem)
-            else:
-                queue.append(i)
-        self.stats.requests += len(queue)
-        while queue or any(s.req is not None for s in self.slots):
-            free = [k for k, s in enumerate(self.slots) if s.req is None]
-            if queue and free:
-                self._admit(queue, free, prompts, params, outputs)
-            if any(s.req is not None for s in self.slots):
-                self._step(outputs)
-        return outputs  # type: ignore[return-value]
+        futs = [self.submit(p, sp) for p, sp in zip(prompts, params)]
+        self.run_until(futs)
+        return [f.result() for f in futs]
 
-    # ---- scheduling ----------------------------------------------------------------------------
-    def _lcp(self, a: list[int], b: list[int]) -> int:
-        n = min(len(a), len(b))
-        if n == 0:
-            return 0
-        x, y = np.asarray(a[:n]), np.asarray(b[:n])
-        diff = np.nonzero(x != y)[0]
-        return int(diff[0]) if len(diff) else n
+    # ---- background mode (a server) ------------------------------------------------------------
+    def start_background(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="automem-engine", daemon=True)
+        self._thread.start()
 
-    def _admit(self, queue, free, prompts, params, outputs):
-        chosen = []  # (req, slot, start)
-        free = list(free)
-        while queue and free:
-            i = queue.popleft()
-            prompt = prompts[i]
-            best, best_lcp = None, -1
-            if self.prefix_reuse:
-                for k in free:
-                    lcp = min(self._lcp(prompt, self.slots[k].tokens), len(prompt) - 1)
-                    if lcp > best_lcp:
-                        best, best_lcp = k, lcp
-            if best is None or best_lcp < self.min_prefix:
-                best = min(free, key=lambda k: (len(self.slots[k].tokens) > 0, self.slots[k].last_used))
-                best_lcp = 0
-            free.remove(best)
-            chosen.append((i, best, best_lcp))
-        # One suffix bucket for the whole prefill; rows that would run past the cache restart at 0.
+    def stop_background(self, timeout: float = 30.0) -> None:
+        t = self._thread
+        if t is None:
+            return
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+        t.join(timeout)
+        self._thread = None
+
+    def _loop(self) -> None:
         while True:
-            Tb = _bucket(max(len(prompts[i]) - s for i, _, s in chosen), self.len_buckets)
-            bad = [(i, k, s) for i, k, s in chosen if s and s + Tb > self.max_len]
-            if not bad:
+            with self._wake:
+                while not self._stop and not self.has_work:
+                    self._wake.wait()
+                if self._stop:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - fail what is in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"engine: {type(e).__name__}: {e}")
+        self._fail_all("engine stopped")
+
+    def _fail_all(self, message: str) -> None:
+        for s in self._running + list(self._waiting):
+            self.pool.release(s.pages)
+            self._resolve(s.future, GenOutput("", [], len(s.prompt), 0, "error", error=message))
+        self._running, self._waiting = [], deque()
+        with self._lock:
+            incoming, self._incoming = list(self._incoming), deque()
+        for prompt, _, fut in incoming:
+            self._resolve(fut, GenOutput("", [], 0, 0, "error", error=message))
+
+    @staticmethod
+    def _resolve(fut: Future, out: GenOutput) -> None:
+        try:
+            fut.set_result(out)
+        except InvalidStateError:  # cancelled by its caller meanwhile
+            pass
+
+    def _drop_cancelled(self) -> None:
+        """A cancelled request leaves the scheduler and frees its pages."""
+        for s in [s for s in self._running if s.future.cancelled()]:
+            self._running.remove(s)
+            self.pool.release(s.pages)
+        if any(s.future.cancelled() for s in self._waiting):
+            self._waiting = deque(s for s in self._waiting if not s.future.cancelled())
+
+    # ---- the scheduler -------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One iteration: admit, one prefill chunk batch, one decode step. Returns whether work remains."""
+        with self._lock:
+            incoming, self._incoming = list(self._incoming), deque()
+        for prompt, params, fut in incoming:
+            if not fut.cancelled():
+                self._enqueue(prompt, params, fut)
+        self._drop_cancelled()
+        if not (self._waiting or self._running):
+            return False
+        self.stats.steps += 1
+        self._admit()
+        self._prefill()
+        self._decode()
+        return self.has_work
+
+    def _enqueue(self, prompt, params: SamplingParams, fut: Future) -> None:
+        problem = None
+        if isinstance(prompt, Exception):
+            problem = f"could not build the prompt: {prompt}"
+        else:
+            try:
+                params.validate()
+            except ValueError as e:
+                problem = str(e)
+            if problem is None and len(prompt) == 0:
+                problem = "empty prompt"
+            if problem is None and len(prompt) >= self.max_len:
+                problem = f"prompt has {len(prompt)} tokens; this engine holds at most {self.max_len - 1}"
+            if problem is None and any(not (0 <= t < self.cfg.vocab_size) for t in prompt):
+                problem = f"prompt has token ids outside the vocabulary [0, {self.cfg.vocab_size})"
+        if problem:
+            n = 0 if isinstance(prompt, Exception) else len(prompt)
+            self._resolve(fut, GenOutput("", [], n, 0, "error", error=problem))
+            return
+        sp = params.resolved(self.sampling_defaults)
+        seed = sp.seed if sp.seed is not None else self._seed * 1_000_003 + self._counter
+        self._counter += 1
+        key = np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+        prompt = [int(t) for t in prompt]
+        limit = min(sp.max_tokens, self.max_len - len(prompt))
+        s = _Seq(self._counter, prompt, sp, fut, key, limit, tokens=list(prompt))
+        if sp.repetition_penalty != 1.0:
+            s.seen = set(prompt)
+        self.stats.requests += 1
+        self._waiting.append(s)
+
+    def _pages_needed(self, s: _Seq) -> int:
+        # Written positions: the prompt and every generated token but the last.
+        return -(-(len(s.prompt) + s.limit - 1) // self.page_size)
+
+    def _admit(self) -> None:
+        P = self.page_size
+        deferred = deque()
+        while self._waiting and len(self._running) < self.max_batch:
+            s = self._waiting[0]
+            hit_pages, hit_ids = [], []
+            if self.prefix_cache:
+                # Keep at least the last prompt token to compute: its logits give the first token.
+                hit_pages, hit_ids = self.pool.lookup(s.prompt, (len(s.prompt) - 1) // P)
+                if self._prefix_in_flight(s, len(hit_pages) * P):
+                    deferred.append(self._waiting.popleft())
+                    self.stats.deferred_admissions += 1
+                    continue
+            need = self._pages_needed(s) - len(hit_pages)
+            idle_hits = sum(1 for p in hit_pages if self.pool.ref[p] == 0)
+            if need > self.pool.available() - idle_hits:
+                break  # first come, first served: wait for pages to free up
+            self._waiting.popleft()
+            self.pool.acquire(hit_pages)
+            fresh = self.pool.allocate(need)
+            s.pages = hit_pages + fresh
+            s.block_ids = list(hit_ids)
+            s.computed = s.cached = len(hit_pages) * P
+            self.stats.prompt_tokens += len(s.prompt)
+            self.stats.cached_prompt_tokens += s.cached
+            self._running.append(s)
+        self._waiting.extendleft(reversed(deferred))
+        self.stats.evicted_pages = self.pool.evictions
+
+    def _prefix_in_flight(self, s: _Seq, hit: int) -> bool:
+        """Whether a running prefill is computing full blocks of s's prompt past its cache hit."""
+        P = self.page_size
+        for r in self._running:
+            if not r.prefilling:
+                continue
+            n = min(len(r.prompt), len(s.prompt) - 1)
+            if n < hit + P:
+                continue
+            a, b = np.asarray(r.prompt[:n]), np.asarray(s.prompt[:n])
+            diff = np.nonzero(a != b)[0]
+            common = int(diff[0]) if len(diff) else n
+            if common // P > hit // P:
+                return True
+        return False
+
+    def _slots(self, s: _Seq, start: int, stop: int) -> list[int]:
+        P = self.page_size
+        return [s.pages[i // P] * P + i % P for i in range(start, stop)]
+
+    def _read_idx(self, rows: list[_Seq | None], S: int) -> np.ndarray:
+        P = self.page_size
+        out = np.zeros((len(rows), S), np.int32)
+        offs = np.arange(P, dtype=np.int32)
+        for r, s in enumerate(rows):
+            if s is None:
+                continue
+            n = min(len(s.pages), S // P)
+            out[r, :n * P] = (np.asarray(s.pages[:n], np.int32)[:, None] * P + offs).reshape(-1)
+        return out
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        plan = []  # (seq, start, stop)
+        for s in self._running:
+            if budget <= 0:
                 break
-            chosen = [(i, k, 0 if (i, k, s) in bad else s) for i, k, s in chosen]
-        nb = _bucket(len(chosen), self.batch_buckets)
-        ids = np.zeros((nb, Tb), np.int32)
-        mask = np.zeros((nb, Tb), bool)
-        slots = np.full((nb,), self.max_batch, np.int32)  # out of range: dropped on scatter
-        start = np.zeros((nb,), np.int32)
-        keys = np.zeros((nb, 2), np.uint32)
-        temp = np.zeros((nb,), np.float32)
-        top_p = np.ones((nb,), np.float32)
-        top_k = np.zeros((nb,), np.int32)
-        for r, (i, k, s) in enumerate(chosen):
-            suffix = prompts[i][s:]
-            ids[r, :len(suffix)] = suffix
-            mask[r, :len(suffix)] = True
-            slots[r], start[r] = k, s
-            sp = params[i]
-            seed = sp.seed if sp.seed is not None else self._seed * 1_000_003 + self._counter
-            self._counter += 1
-            key = np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
-            keys[r], temp[r], top_p[r], top_k[r] = key, sp.temperature, sp.top_p, sp.top_k
-            slot = self.slots[k]
-            slot.req, slot.params, slot.key = i, sp, key
-            slot.tokens = list(prompts[i])
-            slot.generated = []
-            slot.prompt_len = len(prompts[i])
-            slot.limit = min(sp.max_tokens, self.max_len - len(prompts[i]))
-            slot.cached = s
-            self.stats.prompt_tokens += len(prompts[i])
-            self.stats.cached_prompt_tokens += s
-        mode = _batch_mode(params[i] for i, _, _ in chosen)
-        # Attend only over slots some admitted row reaches (bucketed: a bounded number of shapes).
-        kv_len = _bucket(max(s for _, _, s in chosen) + Tb, self.len_buckets)
-        self._note_shape(("prefill", nb, Tb, mode, kv_len))
+            if s.prefilling:
+                n = min(len(s.prompt) - s.computed, budget)
+                plan.append((s, s.computed, s.computed + n))
+                budget -= n
+        if not plan:
+            return
+        nb = _bucket(len(plan), self.batch_buckets)
+        T = _bucket(max(b - a for _, a, b in plan), self.chunk_buckets)
+        S = _bucket(max(b for _, _, b in plan), self.kv_buckets)
+        ids = np.zeros((nb, T), np.int32)
+        pos = np.zeros((nb, T), np.int32)
+        write = np.full((nb, T), self.pool_tokens, np.int32)  # out of range: dropped
+        last = np.zeros((nb,), np.int32)
+        rows: list[_Seq | None] = [None] * nb
+        for r, (s, a, b) in enumerate(plan):
+            ids[r, :b - a] = s.prompt[a:b]
+            pos[r, :b - a] = np.arange(a, b)
+            write[r, :b - a] = self._slots(s, a, b)
+            last[r] = b - a - 1
+            rows[r] = s
         t0 = time.perf_counter()
-        with self._mesh_ctx():
-            self._cache, tok = self._prefill(self._state, self._cache, jnp.asarray(slots), jnp.asarray(ids),
-                                             jnp.asarray(mask), jnp.asarray(start), jnp.asarray(keys),
-                                             jnp.zeros((nb,), jnp.int32), jnp.asarray(temp), jnp.asarray(top_p),
-                                             jnp.asarray(top_k), mode, kv_len)
-        tok = np.asarray(tok)
+        tok = self._call("prefill", ids, pos, write, self._read_idx(rows, S), last, rows, np.zeros((nb,), np.int32))
         self.stats.prefill_s += time.perf_counter() - t0
         self.stats.prefill_calls += 1
-        for r, (i, k, _) in enumerate(chosen):
-            self._accept(k, int(tok[r]), outputs)
+        for r, (s, a, b) in enumerate(plan):
+            s.computed = b
+            self.stats.prefilled_tokens += b - a
+            self._register(s)
+            if not s.prefilling:
+                self._accept(s, int(tok[r]))
 
-    def _step(self, outputs):
-        B = self.max_batch
-        active = np.array([s.req is not None for s in self.slots])
-        keys = np.zeros((B, 2), np.uint32)
-        steps = np.zeros((B,), np.int32)
-        temp = np.zeros((B,), np.float32)
-        top_p = np.ones((B,), np.float32)
-        top_k = np.zeros((B,), np.int32)
-        for k, s in enumerate(self.slots):
-            if s.req is None:
-                continue
-            keys[k], steps[k] = s.key, len(s.generated)
-            temp[k], top_p[k], top_k[k] = s.params.temperature, s.params.top_p, s.params.top_k
-        mode = _batch_mode(s.params for s in self.slots if s.req is not None)
-        # The longest busy row (prompt + generated so far) bounds the slots worth attending to.
-        kv_len = _bucket(max(len(s.tokens) for s in self.slots if s.req is not None), self.len_buckets)
-        self._note_shape(("decode", B, mode, kv_len))
+    def _decode(self) -> None:
+        live = [s for s in self._running if not s.prefilling]
+        if not live:
+            return
+        nb = _bucket(len(live), self.batch_buckets)
+        S = _bucket(max(len(s.tokens) for s in live), self.kv_buckets)
+        ids = np.zeros((nb, 1), np.int32)
+        pos = np.zeros((nb, 1), np.int32)
+        write = np.full((nb, 1), self.pool_tokens, np.int32)
+        steps = np.zeros((nb,), np.int32)
+        rows: list[_Seq | None] = [None] * nb
+        for r, s in enumerate(live):
+            p = len(s.tokens) - 1  # the last sampled token: its KV is written now
+            ids[r, 0], pos[r, 0], write[r, 0] = s.tokens[-1], p, self._slots(s, p, p + 1)[0]
+            steps[r] = len(s.generated)
+            rows[r] = s
         t0 = time.perf_counter()
-        with self._mesh_ctx():
-            self._cache, tok = self._decode(self._state, self._cache, jnp.asarray(self._tokens), jnp.asarray(active),
-                                            jnp.asarray(keys), jnp.asarray(steps), jnp.asarray(temp),
-                                            jnp.asarray(top_p), jnp.asarray(top_k), mode, kv_len)
-        tok = np.asarray(tok)
+        tok = self._call("decode", ids, pos, write, self._read_idx(rows, S), np.zeros((nb,), np.int32), rows, steps)
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1
-        for k in np.nonzero(active)[0]:
-            self._accept(int(k), int(tok[k]), outputs)
+        for r, s in enumerate(live):
+            s.computed = len(s.tokens)
+            self._register(s)
+            self._accept(s, int(tok[r]))
 
-    def _accept(self, k: int, token: int, outputs) -> None:
-        """Takes one new token for slot k; finishes the request on EOS, a stop string or the limit."""
-        s = self.slots[k]
-        self._tokens[k] = token
+    def _register(self, s: _Seq) -> None:
+        """Publishes s's newly completed full blocks to the prefix cache."""
+        if not self.prefix_cache:
+            return
+        P = self.page_size
+        for b in range(len(s.block_ids), s.computed // P):
+            parent = s.block_ids[-1] if s.block_ids else -1
+            s.block_ids.append(self.pool.register(s.pages[b], parent, s.tokens[b * P:(b + 1) * P]))
+
+    def _accept(self, s: _Seq, token: int) -> None:
+        """Takes one new token; finishes the request on EOS, a stop string or the limit."""
         reason = None
         if token in self.eos_ids:
             reason = "stop"
         else:
             s.generated.append(token)
             s.tokens.append(token)
+            if s.params.repetition_penalty != 1.0:
+                s.seen.add(token)
             if s.params.stop and self._hits_stop(s):
                 reason = "stop"
             elif len(s.generated) >= s.limit:
@@ -448,23 +760,23 @@ class Engine:
         if hits:
             pos, stop = min(hits)
             text = text[: pos + (len(stop) if s.params.include_stop_str_in_output else 0)]
-        is_eos = token in self.eos_ids
-        n_out = len(s.generated) + int(is_eos)
-        outputs[s.req] = GenOutput(text, list(s.generated), s.prompt_len, n_out, reason, cached_tokens=s.cached)
+        n_out = len(s.generated) + int(token in self.eos_ids)
         self.stats.generated_tokens += n_out
-        # The row holds the prompt and every generated token but the last sampled one (an EOS is
-        # never appended); keep them for prefix reuse.
-        written = len(s.tokens) - (0 if is_eos else 1)
-        s.tokens = s.tokens[: min(written, self.max_len - 1)]
-        s.req, s.params, s.generated, s.last_used = None, None, [], time.monotonic()
+        self._running.remove(s)
+        self.pool.release(s.pages)
+        self._resolve(s.future, GenOutput(text, list(s.generated), len(s.prompt), n_out, reason,
+                                          cached_tokens=s.cached))
 
-    def _hits_stop(self, s: _Slot) -> bool:
+    def _hits_stop(self, s: _Seq) -> bool:
         longest = max(len(x) for x in s.params.stop)
         # A token is at least one character, so the last `longest` tokens cover any new match.
         tail = self.tokenizer.decode(s.generated[-(longest + 1):], skip_special_tokens=True)
         return any(x in tail for x in s.params.stop)
 
     def reset_cache(self) -> None:
-        """Forgets every slot's tokens (e.g. after the model's weights change)."""
-        for s in self.slots:
-            s.tokens = []
+        """Forgets every cached prefix (e.g. after the model's weights change)."""
+        self.pool.clear()
+
+    def cache_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self._pools)
+

@@ -4,10 +4,11 @@
     python -m automem_jax.llm.server --checkpoint gs://bucket/export/hf --port 8000 --api_key_env AUTOMEM_KEY
 
 Routes: ``POST /v1/chat/completions`` (non-streaming, n=1) and ``GET /v1/models``. Handler threads
-validate a request, put it on a queue and wait on its future; ONE engine thread drains the queue
-and calls ``engine.generate_full`` once per batch (the Engine is not thread-safe, and it batches
-continuously inside a call), then resolves the futures. Errors use OpenAI's JSON shape
-``{"error": {"message", "type", "param", "code"}}``.
+validate a request, hand it to ``engine.submit`` and wait on its future. The engine runs in
+background mode (``start_background()`` when serving starts, ``stop_background()`` at close): its
+scheduler admits each request between decode steps, so concurrent requests join the batch already
+running. A request the engine refuses (too long, bad sampling values) gets its own 400 and never
+affects the others. Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -17,16 +18,13 @@ import hmac
 import json
 import logging
 import os
-import queue
 import signal
 import socket
 import sys
 import threading
 import time
 import uuid
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -122,6 +120,7 @@ def parse_chat_body(body: Any, served_names: tuple[str, ...], max_len: int):
     temperature = _number(body, "temperature", 0, 2)
     top_p = _number(body, "top_p", 0, 1, lo_open=True)
     top_k = _number(body, "top_k", -1, 1 << 30, integer=True)  # vLLM extension; -1 or 0 = off
+    repetition_penalty = _number(body, "repetition_penalty", 0, 1e6, lo_open=True)  # vLLM extension
     if "max_completion_tokens" in body and body.get("max_tokens") is None:
         body = dict(body, max_tokens=body["max_completion_tokens"])
         pname = "max_completion_tokens"
@@ -142,116 +141,79 @@ def parse_chat_body(body: Any, served_names: tuple[str, ...], max_len: int):
     include_stop = body.get("include_stop_str_in_output", False)
     if not isinstance(include_stop, bool):
         raise _bad("'include_stop_str_in_output' must be a boolean", "include_stop_str_in_output")
+    # top_p / top_k / repetition_penalty left out stay unset: the engine applies the checkpoint's
+    # generation_config.json defaults (as vLLM does).
+    given = {}
+    if top_p is not None:
+        given["top_p"] = float(top_p)
+    if top_k is not None:
+        given["top_k"] = max(int(top_k), 0)
+    if repetition_penalty is not None:
+        given["repetition_penalty"] = float(repetition_penalty)
     params = SamplingParams(
         temperature=1.0 if temperature is None else float(temperature),
-        top_p=1.0 if top_p is None else float(top_p),
-        top_k=0 if top_k is None or top_k < 0 else int(top_k),
         # Longer than the cache allows is not an error: the engine stops at its limit ("length").
         max_tokens=max_len if max_tokens is None else int(max_tokens),
-        stop=stop or None, seed=seed, include_stop_str_in_output=include_stop)
+        stop=stop or None, seed=seed, include_stop_str_in_output=include_stop, **given)
     req = ChatRequest(messages=messages, phase="chat", model_role=ROLE_POLICY, stop=stop or None,
                       max_tokens=params.max_tokens)
     return req, params
 
 
 # ---------------------------------------------------------------------------------------------
-# The engine thread
+# The engine front
 
 class _Shutdown(Exception):
     pass
 
 
-@dataclass
-class _Job:
-    request: ChatRequest
-    params: Any
-    future: Future = field(default_factory=Future)
+class _EngineFront:
+    """Hands requests to the engine's scheduler (background mode) and counts what is in flight."""
 
-
-class _Batcher:
-    """Owns the engine: one thread drains the queue and runs each batch in one engine call."""
-
-    def __init__(self, engine, max_requests_per_call: int, batch_window_s: float):
+    def __init__(self, engine):
         self.engine = engine
-        self.max_requests = max_requests_per_call
-        self.window = batch_window_s
-        self.q: queue.Queue[_Job | None] = queue.Queue()
-        self.engine_calls = 0
         self.requests_done = 0
-        self.largest_batch = 0
-        self._stopping = threading.Event()
-        self._submit_lock = threading.Lock()
-        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self.thread.start()
+        self.in_flight = 0
+        self.largest_batch = 0  # most requests in the engine at once
+        self.stopped: Future = Future()  # resolved at close: handlers still waiting answer 503
+        self._cond = threading.Condition()
+        self._closing = False
+        # A server started on an engine already in background mode leaves it running at close.
+        self._owns_background = not engine.background
+        engine.start_background()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def submit(self, request: ChatRequest, params) -> Future:
-        job = _Job(request, params)
-        with self._submit_lock:  # nothing can land behind the stop sentinel and wait forever
-            if self._stopping.is_set():
+        with self._cond:  # nothing is submitted after close began
+            if self._closing:
                 raise _Shutdown("the server is shutting down")
-            self.q.put(job)
-        return job.future
+            fut = self.engine.submit(request, params)
+            self.in_flight += 1
+            self.largest_batch = max(self.largest_batch, self.in_flight)
+        fut.add_done_callback(self._finished)
+        return fut
 
-    def _collect(self, first: _Job) -> list[_Job]:
-        jobs = [first]
-        deadline = time.monotonic() + self.window
-        while len(jobs) < self.max_requests:
-            try:
-                left = deadline - time.monotonic()
-                job = self.q.get(timeout=left) if left > 0 else self.q.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:  # stop sentinel: put it back for the main loop
-                self.q.put(None)
-                break
-            jobs.append(job)
-        # A handler that gave up (timeout) cancelled its future: skip its work.
-        return [j for j in jobs if j.future.set_running_or_notify_cancel()]
-
-    def _loop(self) -> None:
-        while True:
-            job = self.q.get()
-            if job is None:
-                break
-            jobs = self._collect(job)
-            if jobs:
-                self._run(jobs)
-        self._fail_pending()
-
-    def _run(self, jobs: list[_Job]) -> None:
-        try:
-            outs = self.engine.generate_full([j.request for j in jobs], [j.params for j in jobs])
-            self.engine_calls += 1
-            if len(outs) != len(jobs):
-                raise RuntimeError(f"engine returned {len(outs)} outputs for {len(jobs)} requests")
-        except Exception as e:  # noqa: BLE001 - split the batch so one bad request fails alone
-            if len(jobs) == 1:
-                log.exception("engine call failed")
-                jobs[0].future.set_exception(e)
-                return
-            for j in jobs:
-                self._run([j])
-            return
-        self.largest_batch = max(self.largest_batch, len(jobs))
-        for j, o in zip(jobs, outs):
+    def _finished(self, _fut: Future) -> None:
+        with self._cond:
+            self.in_flight -= 1
             self.requests_done += 1
-            j.future.set_result(o)
-
-    def _fail_pending(self) -> None:
-        while True:
-            try:
-                job = self.q.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(_Shutdown("the server is shutting down"))
+            self._cond.notify_all()
 
     def close(self, timeout: float) -> None:
-        with self._submit_lock:
-            if not self._stopping.is_set():
-                self._stopping.set()
-                self.q.put(None)
-        self.thread.join(timeout)
+        """Refuses new requests, lets those in flight finish (within `timeout`), then stops the
+        engine's thread if this server started it (the engine fails whatever is left)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._closing = True
+            while self.in_flight and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+        if self._owns_background:
+            self.engine.stop_background(max(0.0, deadline - time.monotonic()) + 1.0)
+        if not self.stopped.done():
+            self.stopped.set_result(None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,10 +353,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _App:
-    def __init__(self, engine, batcher: _Batcher, served_model_name: str, api_key: str | None,
+    def __init__(self, engine, front: _EngineFront, served_model_name: str, api_key: str | None,
                  max_body_bytes: int, request_timeout_s: float):
         self.engine = engine
-        self.batcher = batcher
+        self.front = front
         self.model_name = served_model_name
         self._key = api_key.encode("utf-8") if api_key else None
         self.max_body_bytes = max_body_bytes
@@ -417,21 +379,26 @@ class _App:
     def chat(self, body: Any) -> dict:
         req, params = parse_chat_body(body, (self.model_name,), self.max_len)
         try:
-            fut = self.batcher.submit(req, params)
+            fut = self.front.submit(req, params)
         except _Shutdown as e:
             raise ApiError(503, str(e), code="shutting_down") from None
-        try:
-            out = fut.result(timeout=self.request_timeout_s)
-        except FutureTimeout:
-            fut.cancel()
+        wait([fut, self.front.stopped], timeout=self.request_timeout_s, return_when=FIRST_COMPLETED)
+        if not fut.done():
+            # Not cancelled: the engine finishes it anyway, and its answer is dropped.
+            if self.front.stopped.done():
+                raise ApiError(503, "the server is shutting down", code="shutting_down")
             raise ApiError(503, f"no answer from the engine within {self.request_timeout_s:g}s; "
-                                f"the server is overloaded", code="timeout") from None
-        except _Shutdown as e:
-            raise ApiError(503, str(e), code="shutting_down") from None
+                                f"the server is overloaded", code="timeout")
+        try:
+            out = fut.result()
         except Exception as e:  # noqa: BLE001
             raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from None
         if out.finish_reason == "error" or getattr(out, "error", None):
-            # The engine only refuses a request for its input (too long, bad chat, bad params).
+            if self.front.closing:  # failed by the engine's shutdown, not for its input
+                raise ApiError(503, f"the server is shutting down ({out.error})", code="shutting_down")
+            if str(out.error or "").startswith("engine"):  # a failed engine step, not a bad input
+                raise ApiError(500, f"generation failed: {out.error}")
+            # Otherwise the engine refused the request for its input (too long, bad chat, bad params).
             raise _bad(f"the engine rejected this request: {out.error}", "messages", "invalid_request")
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -453,10 +420,11 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class ServerHandle:
     """A running server: ``url`` (``http://host:port``), ``base_url`` (``url + "/v1"``, for
-    OpenAI clients), ``stats`` (engine calls, requests served, largest batch), ``close()``."""
+    OpenAI clients), ``stats`` (requests served and in flight, the most in the engine at once, and
+    the engine's step counts), ``close()``."""
 
-    def __init__(self, httpd: _HTTPServer, batcher: _Batcher, thread: threading.Thread, model_name: str):
-        self._httpd, self._batcher, self._thread = httpd, batcher, thread
+    def __init__(self, httpd: _HTTPServer, front: _EngineFront, thread: threading.Thread, model_name: str):
+        self._httpd, self._front, self._thread = httpd, front, thread
         self.host, self.port = httpd.server_address[:2]
         self.url = f"http://{self.host}:{self.port}"
         self.base_url = self.url + "/v1"
@@ -465,19 +433,23 @@ class ServerHandle:
 
     @property
     def stats(self) -> dict:
-        b = self._batcher
-        return {"engine_calls": b.engine_calls, "requests_served": b.requests_done,
-                "largest_batch": b.largest_batch, "queued": b.q.qsize()}
+        f = self._front
+        out = {"requests_served": f.requests_done, "in_flight": f.in_flight, "largest_batch": f.largest_batch}
+        es = getattr(f.engine, "stats", None)
+        for name in ("steps", "decode_steps", "prefill_calls"):
+            if hasattr(es, name):
+                out[name] = getattr(es, name)
+        return out
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stops accepting connections; requests already queued are answered (within `timeout`),
-        later ones get 503."""
+        """Stops accepting connections; requests already in the engine are answered (within
+        `timeout`), later ones get 503."""
         if self._closed:
             return
         self._closed = True
         self._httpd.shutdown()  # stop accepting; handlers already running finish or get 503
         self._thread.join(timeout)
-        self._batcher.close(timeout)
+        self._front.close(timeout)
         self._httpd.server_close()
 
     def __enter__(self):
@@ -489,34 +461,31 @@ class ServerHandle:
 
 def serve(engine, host: str = "127.0.0.1", port: int = 0, *, api_key: str | None = None,
           api_key_env: str | None = None, served_model_name: str | None = None,
-          max_requests_per_call: int | None = None, batch_window_s: float = 0.005,
           max_body_bytes: int = 32 << 20, request_timeout_s: float = 600.0) -> ServerHandle:
     """Starts the server in background threads (port 0 picks a free port) and returns its handle.
+    The engine runs in background mode while it serves (it must not be stepped by anyone else).
 
     Auth: `api_key`, or the value of the environment variable `api_key_env`; neither = no auth.
-    `max_requests_per_call` caps one engine call (default 4 x engine.max_batch); `batch_window_s`
-    is how long the engine thread waits for more requests after the first one of a batch.
     """
     if api_key_env:
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise ValueError(f"environment variable {api_key_env} (api_key_env) is not set or empty")
-    if max_requests_per_call is None:
-        max_requests_per_call = 4 * int(getattr(engine, "max_batch", 16))
-    if max_requests_per_call < 1:
-        raise ValueError(f"max_requests_per_call must be >= 1, got {max_requests_per_call}")
+    for attr in ("submit", "start_background", "stop_background"):
+        if not callable(getattr(engine, attr, None)):
+            raise TypeError(f"serve: the engine has no {attr}(); expected automem_jax.llm.engine.Engine")
     name = served_model_name or getattr(engine, "model_name", "") or "automem-policy"
-    batcher = _Batcher(engine, max_requests_per_call, batch_window_s)
+    front = _EngineFront(engine)
     try:
-        app = _App(engine, batcher, name, api_key, max_body_bytes, request_timeout_s)
+        app = _App(engine, front, name, api_key, max_body_bytes, request_timeout_s)
         handler = type("Handler", (_Handler,), {"app": app})
         httpd = _HTTPServer((host, port), handler)
     except BaseException:
-        batcher.close(5.0)
+        front.close(5.0)
         raise
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
     thread.start()
-    return ServerHandle(httpd, batcher, thread, name)
+    return ServerHandle(httpd, front, thread, name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -321,11 +321,12 @@ class Attention(nnx.Module):
             y = y + bias[...].astype(dt)
         return constrain(y, names)
 
-    def __call__(self, x, cos, sin, kv_mask, q_slots, cache_kv=None, write_index=None):
+    def __call__(self, x, cos, sin, kv_mask, q_slots, cache_kv=None, write_index=None, paged=None):
         """x [B,T,H]. Returns (out [B,T,H], (k, v) written into the cache or this call's k, v).
 
         kv_mask [B, S] marks valid key slots; q_slots [B, T] is each query's slot index, so that
         key slot s is visible to a query at slot q iff s <= q and kv_mask[b, s].
+        `paged` = (k_pool, v_pool, write_idx, read_idx) switches to a paged cache (see `PagedKV`).
         """
         cfg = self.cfg
         q = self._proj(x, self.q_kernel, getattr(self, "q_bias", None), ("batch", "length", "act_heads", "head_dim"), "q")
@@ -335,6 +336,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        if paged is not None:
+            return self._paged(q, k, v, q_slots, *paged)
         if cache_kv is not None:
             ck, cv = cache_kv
             upd = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
@@ -362,11 +365,26 @@ class Attention(nnx.Module):
                 outs.append(_attend(q[:, lo:hi], keys[:, :kv_hi], values[:, :kv_hi], kv_mask[:, :kv_hi],
                                     q_slots[:, lo:hi]))
             out = jnp.concatenate(outs, axis=1)
+        return self._out(out), new_kv
+
+    def _out(self, out):
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
         y = add_lora(self, "o", out, jnp.einsum("btnd,ndh->bth", out, self.o_kernel[...].astype(out.dtype)))
-        if cfg.o_bias:
+        if self.cfg.o_bias:
             y = y + self.o_bias[...].astype(y.dtype)
-        return constrain(y, ("batch", "length", "act_embed")), new_kv
+        return constrain(y, ("batch", "length", "act_embed"))
+
+    def _paged(self, q, k, v, q_pos, k_pool, v_pool, write_idx, read_idx):
+        """Writes this call's keys/values into the pools at `write_idx` [B, T] (out of range =
+        padding, dropped), then attends over the tokens at `read_idx` [B, S]: a row's pages in
+        order, so key j sits at position j and is visible to a query at position p iff j <= p."""
+        k_pool = k_pool.at[write_idx].set(k.astype(k_pool.dtype), mode="drop")
+        v_pool = v_pool.at[write_idx].set(v.astype(v_pool.dtype), mode="drop")
+        names = ("batch", "length", "act_kv_heads", "head_dim")
+        keys = constrain(k_pool.at[read_idx].get(mode="clip"), names).astype(q.dtype)
+        values = constrain(v_pool.at[read_idx].get(mode="clip"), names).astype(q.dtype)
+        out = _attend(q, keys, values, jnp.ones(read_idx.shape, bool), q_pos)
+        return self._out(out), (k_pool, v_pool)
 
 
 def _attend(q, keys, values, kv_mask, q_slots):
@@ -405,8 +423,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, stack)
         self.mlp = MLP(cfg, rngs, stack)
 
-    def __call__(self, x, cos, sin, kv_mask, q_slots, cache_kv=None, write_index=None):
-        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, kv_mask, q_slots, cache_kv, write_index)
+    def __call__(self, x, cos, sin, kv_mask, q_slots, cache_kv=None, write_index=None, paged=None):
+        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, kv_mask, q_slots, cache_kv, write_index,
+                                   paged)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, new_kv
@@ -436,6 +455,8 @@ class KVCache(NamedTuple):
 
 
 CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
+# One layer's paged pool: [num_pages * page_size, kv_heads, head_dim]; token t of page p at p * size + t.
+PAGE_POOL_AXES = ("cache_tokens", "act_kv_heads", "head_dim")
 
 
 def _remat_policy(name: str):
@@ -515,6 +536,30 @@ class Qwen(nnx.Module):
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
         return self._logits(x), new_cache
+
+    def forward_paged(self, input_ids, positions, pools, write_idx, read_idx, logits_at=None):
+        """T new tokens per row against a paged KV cache; the serving engine's one call path.
+
+        pools: per layer (k_pool, v_pool), each [num_pages * page_size, kv_heads, head_dim]; a
+        non-scanned model only (the engine unstacks scanned weights). positions [B, T]: each token's
+        position in its sequence. write_idx [B, T]: pool slot of each new token (>= pool size for
+        padding). read_idx [B, S]: pool slot of each of the row's first S positions (any in-range
+        slot past the row's end: masked by position). Writes land in place when the caller donates
+        the pools, so a step costs what it reads, not the pool's size.
+        Returns (logits [B, T or 1, V], new pools).
+        """
+        if self.cfg.scan_layers:
+            raise ValueError("forward_paged needs per-layer weights; build the model with scan_layers=False")
+        cfg = self.cfg
+        x = self._embed(input_ids)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        new_pools = []
+        for layer, (kp, vp) in zip(self.layers, pools):
+            x, kv = layer(x, cos, sin, None, positions, paged=(kp, vp, write_idx, read_idx))
+            new_pools.append(kv)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
+        return self._logits(x), new_pools
 
     # ---- internals ----------------------------------------------------------------------------
     def _embed(self, ids):

@@ -49,6 +49,17 @@ DEFAULT_RULES: Rules = (
     ("cache_length", None),
 )
 
+# Serving (the inference engine): weights are replicated over `data` and never sharded on `embed`,
+# so a decode step reads each chip's own shard of every matrix and all-gathers no weight; heads,
+# KV heads, mlp and vocab split over `tensor` (Megatron-style: one all-reduce after o_proj and
+# down_proj). Each `data` replica serves its own rows of the batch. The paged KV pool
+# (`cache_tokens`) is replicated over `data` and split over `tensor` on its KV heads.
+SERVING_RULES: Rules = tuple(
+    {**dict(DEFAULT_RULES), "embed": None, "batch": "data", "cache_tokens": None}.items())
+
+# Logical names of parameters (the rest are activations): the serving check "no weight on fsdp" uses it.
+PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "layers", "lora_rank")
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -141,6 +152,61 @@ def make_mesh(cfg: "MeshConfig | Mapping | str | None" = None, devices: Sequence
     except Exception:  # noqa: BLE001 - any layout failure falls back to plain order
         dev_array = np.asarray(devices).reshape(shape)
     return Mesh(dev_array, MESH_AXES)
+
+
+SERVING_AXES = ("data", "tensor")
+
+
+def serving_mesh_config(spec: "Mapping | str | None") -> MeshConfig:
+    """The serving mesh shape from `inference.mesh` ({data, tensor}, -1 = the remaining devices).
+
+    Serving has no fsdp axis (weights are not gathered per token): the mesh keeps the three axis
+    names with fsdp=1, so one rules table vocabulary covers training and serving.
+    """
+    if spec is None:
+        items: dict[str, Any] = {}
+    elif isinstance(spec, str):
+        items = parse_axes(spec)
+    else:
+        items = dict(spec.items() if hasattr(spec, "items") else spec)
+    unknown = sorted(set(items) - set(SERVING_AXES))
+    if unknown:
+        raise ValueError(f"inference.mesh: unknown axis(es) {unknown}; the serving mesh has axes "
+                         f"{SERVING_AXES} (weights are never fsdp-sharded for serving)")
+    cfg = MeshConfig(data=items.get("data", -1), fsdp=1, tensor=items.get("tensor", 1))
+    for name in SERVING_AXES:
+        size = getattr(cfg, name)
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"inference.mesh.{name}: expected a positive int or -1, got {size!r}")
+    if cfg.data == -1 and cfg.tensor == -1:
+        raise ValueError("inference.mesh: at most one of data, tensor may be -1")
+    return cfg
+
+
+def make_serving_mesh(spec: "Mapping | str | None", devices: Sequence | None = None) -> Mesh:
+    """`make_mesh` for serving: axes (data, fsdp=1, tensor) over `devices` (default: all)."""
+    return make_mesh(serving_mesh_config(spec), devices=devices)
+
+
+def serving_rules(overrides: Sequence[Sequence[Any]] | None = None) -> Rules:
+    """SERVING_RULES with `inference.rules` overrides ([logical, mesh_axes] pairs) put in place."""
+    extra = normalize_rules(overrides or ())
+    table = dict(SERVING_RULES)
+    unknown = sorted({name for name, _ in extra} - set(table))
+    if unknown:
+        raise ValueError(f"unknown logical axis name(s) {unknown}; expected some of {sorted(table)}")
+    table.update(extra)
+    return tuple(table.items())
+
+
+def param_rules_on(rules: Rules, axis: str) -> list[str]:
+    """The parameter logical names that `rules` maps onto mesh `axis` (serving wants none on fsdp)."""
+    out = []
+    for name, target in normalize_rules(rules):
+        axes = target if isinstance(target, tuple) else (target,)
+        if name in PARAM_AXES and axis in axes:
+            out.append(name)
+    return out
 
 
 # --- logical axis rules ------------------------------------------------------------------------

@@ -1,8 +1,22 @@
-"""Runs N episodes at once: env slots x MemoryAgent coroutines x one batched `generate` per tick.
+"""Runs N episodes at once: env slots x MemoryAgent coroutines over one LLM client.
 
-Each tick gathers the pending ChatRequest of every live agent into one `client.generate` call,
-sends each agent its Completion, and steps (in one batched env call) every slot whose agent has
-committed an action. Slots whose episode ends take the next seed at once.
+Two schedules (``mode``):
+
+- ``async`` (the default for a client with ``submit``/``drive``): each agent's next request is
+  submitted as soon as its previous completion arrives, so a long reply stalls only its own agent.
+  One loop iteration: ``client.drive(in-flight futures)`` (progress until one is done) -> the done
+  futures, in slot order -> those agents advance (submitting their next requests) -> every slot
+  whose agent committed an action steps in ONE batched env call -> finished episodes are written and
+  their slots restarted. Given the completions, the order of submissions is fixed (slot order, no
+  wall clock), so with an engine stepped by `drive` every host of a multi-host run submits the same
+  requests in the same order.
+- ``tick`` (the default for a client with only ``generate``): each tick gathers the pending
+  request of every live agent into one ``client.generate`` call (at most ``max_requests_per_call``
+  per call), sends each agent its Completion, and steps every slot that committed an action.
+
+Slots whose episode ends take the next seed at once. The traces depend only on the completions,
+not on the schedule: a client whose replies are a function of the request gives the same traces in
+both modes.
 
 Resume: an episode is finished when its `ep_<k>.json` exists; a re-run skips those and starts any
 half-written episode over (its JSONL is rewritten), so no episode is lost or duplicated.
@@ -20,6 +34,7 @@ from typing import Any
 from automem_jax import storage
 from automem_jax.agent.memory_agent import MemoryAgent
 from automem_jax.agent.types import Completion
+from automem_jax.llm.client import completion_of, safe_submit, submit_via_generate
 from automem_jax.memory.structure import MemoryStructure
 from automem_jax.rollout.traces import EpisodeTrace, dumps_pretty, env_task, load_finished, summarize
 
@@ -34,7 +49,8 @@ class _Live:
     trace: EpisodeTrace
     obs: Any
     gen: Any = None
-    request: Any = None
+    request: Any = None  # the next request, not yet sent
+    future: Any = None  # async mode: the request in flight
     action: str | None = None
     record: Any = None
     steps: int = 0
@@ -42,26 +58,52 @@ class _Live:
 
 @dataclasses.dataclass
 class RunStats:
-    ticks: int = 0
-    generate_calls: int = 0
-    requests: int = 0
+    mode: str = ""  # "async" or "tick"
+    ticks: int = 0  # loop iterations
+    generate_calls: int = 0  # tick: client.generate calls; async: client.drive calls
+    requests: int = 0  # requests sent to the client
     agent_steps: int = 0
-    env_steps: int = 0
+    env_steps: int = 0  # slot steps
+    env_calls: int = 0  # batched env calls (step_batch)
+    max_in_flight: int = 0  # most requests at the client at once (tick: the largest generate call)
     wall_s: float = 0.0
-    generate_s: float = 0.0
+    generate_s: float = 0.0  # time in generate / drive
     env_s: float = 0.0
 
 
+MODES = ("async", "tick")
+
+
+def supports_submit(client) -> bool:
+    return callable(getattr(client, "submit", None)) and callable(getattr(client, "drive", None))
+
+
 class Runner:
-    """Drives MemoryAgents over a batched TextEnv with any Client (`generate(requests)`)."""
+    """Drives MemoryAgents over a batched TextEnv with any Client (see the module docstring).
+
+    mode: "async", "tick", or None (async when the client has `submit` and `drive` and no
+    `max_requests_per_call` is given). Async with a client that only has `generate` sends each
+    request alone, answered at once.
+    max_requests_per_call: tick mode only, a cap on one `generate` call (1 = unbatched baseline).
+    """
 
     def __init__(self, client, structure: MemoryStructure, run_dir: str, env_name: str, *, num_envs: int = 8,
                  max_steps: int = 1000, two_model: bool = False, env_kwargs: dict | None = None,
                  progress: bool = True, max_requests_per_call: int | None = None,
-                 writer: bool | None = None):
+                 writer: bool | None = None, mode: str | None = None):
         structure.validate()
         if num_envs < 1 or max_steps < 1:
             raise ValueError(f"num_envs and max_steps must be >= 1, got {num_envs}, {max_steps}")
+        if mode is None:  # a cap on requests per generate call asks for the tick schedule
+            mode = "async" if supports_submit(client) and not max_requests_per_call else "tick"
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "async" and max_requests_per_call:
+            raise ValueError("max_requests_per_call caps one generate call of mode='tick'; "
+                             "mode='async' submits requests one at a time")
+        self.mode = mode
+        # Async with a generate-only client: each request alone, answered at once (nothing to drive).
+        self._submit_to = safe_submit if supports_submit(client) else submit_via_generate
         self.client = client
         self.structure = structure
         self.run_dir = run_dir
@@ -75,7 +117,7 @@ class Runner:
         # 1 = one request at a time (the unbatched baseline of bench/generate.py).
         self.max_requests_per_call = max_requests_per_call
         self.trace_dir = storage.join(run_dir, "traces", self.env, self.task)
-        self.stats = RunStats()
+        self.stats = RunStats(mode=mode)
         self.episodes: list[dict] = []
         # Multi-host: every host plays the same episodes (the engine's calls are SPMD) and only the
         # first writes the shared run folder.
@@ -122,10 +164,15 @@ class Runner:
             obs = env.reset_batch([seeds[k] for k in first], list(range(n)))
             for slot, (k, o) in enumerate(zip(first, obs)):
                 live[slot] = self._start(env, k, seeds[k], o)
-            while live:
-                self._tick(env, live, todo, seeds, done, bar)
+            if self.mode == "async":
+                self._play_async(env, live, todo, seeds, done, bar)
+            else:
+                while live:
+                    self._tick(env, live, todo, seeds, done, bar)
         finally:
             for lv in live.values():
+                if lv.future is not None:
+                    lv.future.cancel()  # an aborted run leaves no request behind in the engine
                 lv.trace.abort()
             env.close()
             bar.close()
@@ -144,6 +191,7 @@ class Runner:
             lv.action, lv.record = stop.value
             lv.request, lv.gen = None, None
 
+    # ---- tick mode -------------------------------------------------------------------------------
     def _tick(self, env, live: dict[int, _Live], todo: deque, seeds: list[int], done: dict, bar) -> None:
         self.stats.ticks += 1
         for lv in live.values():
@@ -159,16 +207,63 @@ class Runner:
             self.stats.generate_s += time.perf_counter() - t
             self.stats.generate_calls += 1
             self.stats.requests += len(chunk)
+            self.stats.max_in_flight = max(self.stats.max_in_flight, len(chunk))
             if len(completions) != len(chunk):
                 raise RuntimeError(f"client returned {len(completions)} completions for {len(chunk)} requests")
             for lv, c in zip(chunk, completions):
                 self._advance(lv, c)
-        ready = {slot: lv for slot, lv in live.items() if lv.action is not None}
-        if not ready:
+        self._step_envs(env, live, todo, seeds, done, bar)
+
+    # ---- async mode ------------------------------------------------------------------------------
+    def _play_async(self, env, live: dict[int, _Live], todo: deque, seeds: list[int], done: dict, bar) -> None:
+        for slot in sorted(live):
+            self._begin(live[slot])
+        while live:
+            self.stats.ticks += 1
+            pending = [(slot, live[slot].future) for slot in sorted(live) if live[slot].future is not None]
+            if pending:
+                self.stats.max_in_flight = max(self.stats.max_in_flight, len(pending))
+            if pending and not any(f.done() for _, f in pending):
+                t = time.perf_counter()
+                self.client.drive([f for _, f in pending])
+                self.stats.generate_s += time.perf_counter() - t
+                self.stats.generate_calls += 1
+            for slot, fut in pending:  # slot order: the next submissions do not depend on timing
+                if fut.done():
+                    lv = live[slot]
+                    lv.future = None
+                    self._advance(lv, completion_of(fut))
+                    self._submit(lv)
+            if not pending and not any(lv.action is not None for lv in live.values()):
+                raise RuntimeError("runner: no request in flight and no action to take")  # a bug, never a hang
+            for slot in self._step_envs(env, live, todo, seeds, done, bar):
+                self._begin(live[slot])
+
+    def _begin(self, lv: _Live) -> None:
+        """Starts the agent's next env step and submits its first request."""
+        lv.gen = lv.agent.act(lv.obs)
+        self._advance(lv, None)
+        self._submit(lv)
+
+    def _submit(self, lv: _Live) -> None:
+        if lv.request is None:
             return
+        request, lv.request = lv.request, None
+        lv.future = self._submit_to(self.client, request)
+        self.stats.requests += 1
+
+    # ---- env steps (both modes) --------------------------------------------------------------------
+    def _step_envs(self, env, live: dict[int, _Live], todo: deque, seeds: list[int], done: dict, bar) -> list[int]:
+        """Steps every slot whose agent committed an action in one batched env call, writes the
+        trace lines, finishes ended episodes and restarts their slots. Returns the slots (in order)
+        whose agents now face a new observation."""
+        ready = {slot: live[slot] for slot in sorted(live) if live[slot].action is not None}
+        if not ready:
+            return []
         t = time.perf_counter()
         results = env.step_batch({slot: lv.action for slot, lv in ready.items()})
         self.stats.env_s += time.perf_counter() - t
+        self.stats.env_calls += 1
         self.stats.env_steps += len(ready)
         self.stats.agent_steps += len(ready)
         restart_slots, restart_eps = [], []
@@ -203,6 +298,7 @@ class Runner:
             obs = env.reset_batch([seeds[k] for k in restart_eps], restart_slots)
             for slot, k, o in zip(restart_slots, restart_eps, obs):
                 live[slot] = self._start(env, k, seeds[k], o)
+        return [slot for slot in ready if slot in live]
 
 
 def _jsonable(info: dict) -> dict:
@@ -239,9 +335,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max_steps", type=int, default=1000)
     ap.add_argument("--max_tokens", type=int, default=1024, help="cap on tokens per model turn")
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--max_batch", type=int, default=16, help="engine slots (>= 2 x num_envs lets LOG and PLAN prefixes both stay cached)")
+    ap.add_argument("--max_batch", type=int, default=16, help="rows the engine decodes at once")
     ap.add_argument("--max_len", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mode", choices=MODES, default=None,
+                    help="async: each agent's next request goes out as soon as its reply arrives (default); "
+                         "tick: one batched generate call per tick for every live agent")
     ap.add_argument("--no_progress", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -259,7 +358,7 @@ def main(argv=None) -> int:
             engine = load_engine(args.checkpoint, max_batch=args.max_batch, max_len=args.max_len, seed=args.seed)
             client = EngineClient(engine, max_tokens=args.max_tokens, temperature=args.temperature)
         runner = Runner(client, structure, args.run_dir, args.env, num_envs=args.num_envs, max_steps=args.max_steps,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, mode=args.mode)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
