@@ -180,3 +180,17 @@ def test_cancelled_request_leaves_and_frees_its_pages(model, tok):
     alone = Engine(model, tok, max_batch=2, max_len=64, page_size=4).generate_ids(
         [[1, 2, 3, 4, 5]], [SamplingParams(temperature=0, max_tokens=8)])[0]
     assert keep.result().token_ids == alone.token_ids
+
+
+def test_rows_preempted_for_pages_resume_with_the_same_tokens(model, tok, plain):
+    # 3 rows x (20-token prompt + 40 new tokens) need 45 pages of 4; the pool has 24.
+    eng = Engine(model, tok, max_batch=3, max_len=64, page_size=4, prefill_chunk=16, cache_tokens=96)
+    rng = np.random.RandomState(5)
+    prompts = [list(rng.randint(0, V, 20)) for _ in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=40), SamplingParams(temperature=1.0, max_tokens=40, seed=2),
+              SamplingParams(temperature=0, max_tokens=40, repetition_penalty=1.3)]
+    got = eng.generate_ids(prompts, params)
+    assert eng.stats.preemptions > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain.generate_ids(prompts, params)]
+    assert all(len(o.token_ids) == 40 for o in got)
+    eng.pool.check()

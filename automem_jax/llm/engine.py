@@ -2,8 +2,9 @@
 
 Requests are submitted one at a time (`submit` -> a Future of `GenOutput`); `step()` runs one
 scheduler iteration:
-  1. admit waiting requests while rows and pages allow (pages for the whole reply are reserved at
-     admission, so a running sequence never waits for memory and is never preempted);
+  1. admit waiting requests while rows and pages allow (pages for the prompt; a decoding row takes
+     one more page at a time, and when none is left the newest row is preempted: its pages return
+     to the prefix cache and it later resumes where it stopped, as vLLM's recompute preemption);
   2. prefill at most `prefill_chunk` prompt tokens, spread over the admitted rows, so a long
      prompt is prefilled in chunks and decoding rows never stall for a whole prompt;
   3. one decode step for every row that has its prompt in the cache.
@@ -140,6 +141,7 @@ class EngineStats:
     prefilled_tokens: int = 0
     generated_tokens: int = 0
     deferred_admissions: int = 0  # waited a step for another request's prefix
+    preemptions: int = 0  # rows sent back to the queue for pages (recomputed from the prefix cache)
     evicted_pages: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -222,12 +224,19 @@ class _Seq:
     pages: list[int] = dataclasses.field(default_factory=list)
     block_ids: list[int] = dataclasses.field(default_factory=list)  # prefix-cache ids of full blocks
     computed: int = 0  # tokens whose KV is in the cache
-    cached: int = 0  # prompt tokens found in the prefix cache
+    cached: int = 0  # prompt tokens found in the prefix cache (first admission)
+    admitted: bool = False
     seen: set = dataclasses.field(default_factory=set)
 
     @property
+    def target(self) -> int:
+        """Tokens to prefill: the prompt, or after a preemption everything but the last sampled
+        token (which the next decode step feeds)."""
+        return len(self.tokens) - (1 if self.generated else 0)
+
+    @property
     def prefilling(self) -> bool:
-        return self.computed < len(self.prompt)
+        return self.computed < self.target
 
 
 class Engine:
@@ -604,10 +613,6 @@ class Engine:
         self.stats.requests += 1
         self._waiting.append(s)
 
-    def _pages_needed(self, s: _Seq) -> int:
-        # Written positions: the prompt and every generated token but the last.
-        return -(-(len(s.prompt) + s.limit - 1) // self.page_size)
-
     def _admit(self) -> None:
         P = self.page_size
         deferred = deque()
@@ -615,24 +620,27 @@ class Engine:
             s = self._waiting[0]
             hit_pages, hit_ids = [], []
             if self.prefix_cache:
-                # Keep at least the last prompt token to compute: its logits give the first token.
-                hit_pages, hit_ids = self.pool.lookup(s.prompt, (len(s.prompt) - 1) // P)
+                # Keep at least one token to compute: the last prompt token's logits give the first reply token.
+                hit_pages, hit_ids = self.pool.lookup(s.tokens, (s.target - 1) // P)
                 if self._prefix_in_flight(s, len(hit_pages) * P):
                     deferred.append(self._waiting.popleft())
                     self.stats.deferred_admissions += 1
                     continue
-            need = self._pages_needed(s) - len(hit_pages)
+            # Pages for the tokens to prefill now; decoding takes one more page at a time. Keep one
+            # page per running row free so rows can grow without preempting at once.
+            need = -(-s.target // P) - len(hit_pages)
             idle_hits = sum(1 for p in hit_pages if self.pool.ref[p] == 0)
-            if need > self.pool.available() - idle_hits:
+            if need + len(self._running) > self.pool.available() - idle_hits:
                 break  # first come, first served: wait for pages to free up
             self._waiting.popleft()
             self.pool.acquire(hit_pages)
-            fresh = self.pool.allocate(need)
-            s.pages = hit_pages + fresh
+            s.pages = hit_pages + self.pool.allocate(need)
             s.block_ids = list(hit_ids)
-            s.computed = s.cached = len(hit_pages) * P
-            self.stats.prompt_tokens += len(s.prompt)
-            self.stats.cached_prompt_tokens += s.cached
+            s.computed = len(hit_pages) * P
+            if not s.admitted:
+                s.admitted, s.cached = True, s.computed
+                self.stats.prompt_tokens += len(s.prompt)
+                self.stats.cached_prompt_tokens += s.cached
             self._running.append(s)
         self._waiting.extendleft(reversed(deferred))
         self.stats.evicted_pages = self.pool.evictions
@@ -643,10 +651,10 @@ class Engine:
         for r in self._running:
             if not r.prefilling:
                 continue
-            n = min(len(r.prompt), len(s.prompt) - 1)
+            n = min(r.target, s.target - 1)
             if n < hit + P:
                 continue
-            a, b = np.asarray(r.prompt[:n]), np.asarray(s.prompt[:n])
+            a, b = np.asarray(r.tokens[:n]), np.asarray(s.tokens[:n])
             diff = np.nonzero(a != b)[0]
             common = int(diff[0]) if len(diff) else n
             if common // P > hit // P:
@@ -675,7 +683,7 @@ class Engine:
             if budget <= 0:
                 break
             if s.prefilling:
-                n = min(len(s.prompt) - s.computed, budget)
+                n = min(s.target - s.computed, budget)
                 plan.append((s, s.computed, s.computed + n))
                 budget -= n
         if not plan:
@@ -689,7 +697,7 @@ class Engine:
         last = np.zeros((nb,), np.int32)
         rows: list[_Seq | None] = [None] * nb
         for r, (s, a, b) in enumerate(plan):
-            ids[r, :b - a] = s.prompt[a:b]
+            ids[r, :b - a] = s.tokens[a:b]
             pos[r, :b - a] = np.arange(a, b)
             write[r, :b - a] = self._slots(s, a, b)
             last[r] = b - a - 1
@@ -702,11 +710,36 @@ class Engine:
             s.computed = b
             self.stats.prefilled_tokens += b - a
             self._register(s)
-            if not s.prefilling:
+            if not s.prefilling and not s.generated:  # a resumed row already has its next token
                 self._accept(s, int(tok[r]))
 
+    def _grow(self, live: list[_Seq]) -> list[_Seq]:
+        """Gives every decoding row the page its next token lands in; when pages run out the newest
+        row is preempted (vLLM's recompute preemption): its full pages stay in the prefix cache, it
+        goes back to the front of the queue and later resumes where it stopped, with the same tokens."""
+        P = self.page_size
+        for s in list(live):
+            if s not in self._running:
+                continue  # preempted below for an older row
+            while (len(s.tokens) - 1) // P >= len(s.pages):
+                if self.pool.available() == 0:
+                    victim = self._running[-1]
+                    self._preempt(victim)
+                    if victim is s:
+                        break
+                    continue
+                s.pages += self.pool.allocate(1)
+        return [s for s in live if s in self._running]
+
+    def _preempt(self, s: _Seq) -> None:
+        self._running.remove(s)
+        self.pool.release(s.pages)
+        s.pages, s.block_ids, s.computed = [], [], 0
+        self._waiting.appendleft(s)
+        self.stats.preemptions += 1
+
     def _decode(self) -> None:
-        live = [s for s in self._running if not s.prefilling]
+        live = self._grow([s for s in self._running if not s.prefilling])
         if not live:
             return
         nb = _bucket(len(live), self.batch_buckets)
