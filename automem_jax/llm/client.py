@@ -31,7 +31,7 @@ import time
 import urllib.parse
 import weakref
 from collections.abc import Collection, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, ThreadPoolExecutor, wait
 from typing import Any, Protocol, runtime_checkable
 
 from automem_jax.agent.types import ROLE_GAMEPLAY, ROLE_MEMORY, ROLE_POLICY, ChatRequest, Completion
@@ -239,9 +239,14 @@ class EngineClient:
                 c = self._completion(f.result())
             except BaseException as e:  # noqa: BLE001 - includes CancelledError
                 c = Completion(text="", error=f"engine: {type(e).__name__}: {e}", model_id=self.model_id)
-            out.set_result(c)
+            try:
+                out.set_result(c)
+            except InvalidStateError:  # the caller cancelled it
+                pass
 
         inner.add_done_callback(resolve)  # runs at once if `inner` is already done
+        # Cancelling the caller's future takes the request out of the engine's scheduler.
+        out.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
         return out
 
     def drive(self, pending: Collection[Future], timeout: float | None = None) -> None:

@@ -384,7 +384,7 @@ class _App:
             raise ApiError(503, str(e), code="shutting_down") from None
         wait([fut, self.front.stopped], timeout=self.request_timeout_s, return_when=FIRST_COMPLETED)
         if not fut.done():
-            # Not cancelled: the engine finishes it anyway, and its answer is dropped.
+            fut.cancel()  # the engine drops it at its next step and frees its pages
             if self.front.stopped.done():
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
             raise ApiError(503, f"no answer from the engine within {self.request_timeout_s:g}s; "
