@@ -167,7 +167,8 @@ def part_runner(tok, args) -> None:
         runner, wall = _rollout(client, structure, args.runner_episodes, args.runner_steps, mode, num_envs=8)
         rates[mode] = runner.stats.agent_steps / wall
         print(f"runner: {mode:5s}: {args.runner_episodes} episodes on 8 slots, {runner.stats.agent_steps} agent steps in {wall:6.1f} s = {rates[mode]:.3f} "
-              f"agent-steps/s ({engine.stats.decode_steps} decode steps)")
+              f"agent-steps/s ({engine.stats.decode_steps} decode steps {engine.stats.decode_s:.1f} s, "
+              f"{engine.stats.prefill_calls} prefill calls {engine.stats.prefill_s:.1f} s, env {runner.stats.env_s:.1f} s)")
     print(f"runner: ratio async / tick = {rates['async'] / rates['tick']:.2f}x  (goal >= 2x). The reply lengths "
           f"are imposed by this bench (max_tokens ~ {args.tail_min} x Pareto(alpha={args.tail_alpha}), capped at "
           f"{args.tail_cap}; EOS off), so the gain follows from the tail it draws: it measures how much of a "
