@@ -175,7 +175,7 @@ class EngineClient:
     @property
     def steps_engine(self) -> bool:
         """Whether `drive` steps the engine on the calling thread (it is not in background mode)."""
-        return callable(getattr(self.engine, "step", None)) and not getattr(self.engine, "background", False)
+        return not self.engine.background
 
     def __repr__(self) -> str:
         return (f"EngineClient(model={self.model_id!r}, temperature={self.temperature}, top_p={self.top_p}, "
@@ -224,8 +224,6 @@ class EngineClient:
     def submit(self, request: ChatRequest) -> "Future[Completion]":
         """Queues one request on the engine; the future resolves when the engine finishes it (the
         engine's background thread, or whoever steps it: `drive`, `generate`)."""
-        if not callable(getattr(self.engine, "submit", None)):  # an engine without a scheduler
-            return _done_future(self.generate([request])[0])
         try:
             inner = self.engine.submit(request, self._params(request))
         except Exception as e:  # noqa: BLE001 - this request fails alone

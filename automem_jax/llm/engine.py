@@ -280,6 +280,7 @@ class Engine:
         self.eos_ids = eos
         self.batch_buckets = _buckets(max_batch, 1)
         self.chunk_buckets = _buckets(prefill_chunk, min(16, prefill_chunk))
+        self.seen_buckets = _buckets(max_len + self.cfg.vocab_size, 64)  # distinct tokens a row has seen
         self.kv_buckets = _buckets(self.pages_per_seq * P, min(64, self.pages_per_seq * P), linear_from=2048,
                                    multiple=P)
         if rules is None and mesh is not None:
@@ -343,6 +344,9 @@ class Engine:
         from automem_jax.parallel.mesh import named_sharding
         return named_sharding(self.mesh, names, shape, self.rules)
 
+    def _pool_sharding(self):
+        return self._sharding(PAGE_POOL_AXES, (self.pool_tokens, self.cfg.num_kv_heads, self.cfg.head_dim))
+
     def _new_pools(self):
         cfg = self.cfg
         shape = (self.pool_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -353,7 +357,7 @@ class Engine:
 
         if self.mesh is None:
             return make()
-        sh = self._sharding(PAGE_POOL_AXES, shape)
+        sh = self._pool_sharding()
         with self._ctx():
             return jax.jit(make, out_shardings=[(sh, sh)] * cfg.num_layers)()
 
@@ -372,7 +376,7 @@ class Engine:
         kw = {}
         if self.mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec
-            pool_sh = self._sharding(PAGE_POOL_AXES, (self.pool_tokens, self.cfg.num_kv_heads, self.cfg.head_dim))
+            pool_sh = self._pool_sharding()
             kw["out_shardings"] = ([(pool_sh, pool_sh)] * self.cfg.num_layers, NamedSharding(self.mesh, PartitionSpec()))
         self._run = jax.jit(run, static_argnums=(14, 15), donate_argnums=(1,), **kw)
 
@@ -401,7 +405,7 @@ class Engine:
         mode = _batch_mode(s.params for s in live)
         penalize = any(s.params.repetition_penalty != 1.0 for s in live)
         if penalize:
-            width = _bucket(max(len(s.seen) for s in live), _buckets(self.max_len + self.cfg.vocab_size, 64))
+            width = _bucket(max(len(s.seen) for s in live), self.seen_buckets)
             seen = np.full((B, width), -1, np.int32)
             for r, s in enumerate(rows):
                 if s is not None and s.params.repetition_penalty != 1.0:
