@@ -26,7 +26,6 @@ setup(
             "pytest==9.2.0",
             "hypothesis==6.170.15",
             "gcp-storage-emulator==2026.7.19",
-            "openai==3.54.0",
             # PEFT adapter round-trip tests; accelerate is peft's own dependency, pinned here.
             "peft==0.21.2",
             "accelerate==1.15.0",

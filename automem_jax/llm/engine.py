@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 
 import jax
@@ -227,6 +227,7 @@ class _Seq:
     cached: int = 0  # prompt tokens found in the prefix cache (first admission)
     admitted: bool = False
     seen: set = dataclasses.field(default_factory=set)
+    on_token: Callable[[list[int]], None] | None = None  # streaming: called with the ids so far
 
     @property
     def target(self) -> int:
@@ -442,9 +443,12 @@ class Engine:
         return apply_chat_template(self.tokenizer, messages, add_generation_prompt=True,
                                    **self.chat_template_kwargs)
 
-    def submit(self, prompt: list[int] | ChatRequest, params: SamplingParams | None = None) -> Future:
+    def submit(self, prompt: list[int] | ChatRequest, params: SamplingParams | None = None, *,
+               on_token: Callable[[list[int]], None] | None = None) -> Future:
         """Queues one request; the Future resolves to its GenOutput (an error output for a bad
-        request, which never affects the others). Thread-safe."""
+        request, which never affects the others). Thread-safe. `on_token(generated_ids)` is called on
+        the scheduler's thread after each accepted token (for streaming; it must be quick and must
+        not raise: an exception there is logged and streaming stops for that request)."""
         fut: Future = Future()
         if isinstance(prompt, ChatRequest):
             req = prompt
@@ -455,7 +459,7 @@ class Engine:
                 prompt = e
         params = params or SamplingParams()
         with self._wake:
-            self._incoming.append((prompt, params, fut))
+            self._incoming.append((prompt, params, fut, on_token))
             self._wake.notify()
         return fut
 
@@ -551,7 +555,7 @@ class Engine:
         self._running, self._waiting = [], deque()
         with self._lock:
             incoming, self._incoming = list(self._incoming), deque()
-        for prompt, _, fut in incoming:
+        for _prompt, _params, fut, _cb in incoming:
             self._resolve(fut, GenOutput("", [], 0, 0, "error", error=message))
 
     @staticmethod
@@ -574,9 +578,9 @@ class Engine:
         """One iteration: admit, one prefill chunk batch, one decode step. Returns whether work remains."""
         with self._lock:
             incoming, self._incoming = list(self._incoming), deque()
-        for prompt, params, fut in incoming:
+        for prompt, params, fut, on_token in incoming:
             if not fut.cancelled():
-                self._enqueue(prompt, params, fut)
+                self._enqueue(prompt, params, fut, on_token)
         self._drop_cancelled()
         if not (self._waiting or self._running):
             return False
@@ -586,7 +590,7 @@ class Engine:
         self._decode()
         return self.has_work
 
-    def _enqueue(self, prompt, params: SamplingParams, fut: Future) -> None:
+    def _enqueue(self, prompt, params: SamplingParams, fut: Future, on_token=None) -> None:
         problem = None
         if isinstance(prompt, Exception):
             problem = f"could not build the prompt: {prompt}"
@@ -611,7 +615,7 @@ class Engine:
         key = np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
         prompt = [int(t) for t in prompt]
         limit = min(sp.max_tokens, self.max_len - len(prompt))
-        s = _Seq(self._counter, prompt, sp, fut, key, limit, tokens=list(prompt))
+        s = _Seq(self._counter, prompt, sp, fut, key, limit, tokens=list(prompt), on_token=on_token)
         if sp.repetition_penalty != 1.0:
             s.seen = set(prompt)
         self.stats.requests += 1
@@ -790,6 +794,12 @@ class Engine:
                 reason = "stop"
             elif len(s.generated) >= s.limit:
                 reason = "length"
+            if s.on_token is not None:
+                try:
+                    s.on_token(list(s.generated))
+                except Exception:  # noqa: BLE001 - a broken stream must not stop the scheduler
+                    log.exception("on_token callback failed; streaming stops for request %d", s.rid)
+                    s.on_token = None
         if reason is None:
             return
         text = self.tokenizer.decode(s.generated, skip_special_tokens=True)
