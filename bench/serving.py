@@ -15,6 +15,9 @@ Parts (goals from the engine issue):
   hf         engine tokens/s over transformers `generate` at batch 16, same weights (goal >= 3x)
   bandwidth  decode steps/s against the memory-bandwidth bound: weight bytes per step over the
              copy bandwidth measured in this run, as a percentage
+  replicas   agent-steps/s of a Craftax rollout through two managed replicas of our server over one
+             replica, same episodes (inference.backend=server; each replica a separate process
+             limited to --replica_threads CPU threads, so two replicas use twice the cores)
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import zlib
 
 from _pair import add_model_args, model_pair  # noqa: E402  (also puts the repo on sys.path)
 
-PARTS = ("flat", "prefix", "runner", "hf", "bandwidth")
+PARTS = ("flat", "prefix", "runner", "hf", "bandwidth", "replicas")
 
 
 def _timed(fn):
@@ -251,6 +254,32 @@ def part_bandwidth(tok, args) -> None:
           f"(goal on a GPU at batch 64, 1.5B bf16: >= 60%)")
 
 
+def part_replicas(tok, args) -> None:
+    from automem_jax.llm.replicas import ReplicaConfig, ReplicaSet
+    from automem_jax.memory.structure import MemoryStructure
+    structure = MemoryStructure.default("crafter")
+    threads = args.replica_threads
+    env = {"XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
+                        f"intra_op_parallelism_threads={threads}",
+           "OMP_NUM_THREADS": str(threads), "JAX_PLATFORMS": "cpu"}
+    rates = {}
+    for n in (1, 2):
+        cfg = ReplicaConfig(replicas=n, base_port=0, health_timeout_s=600, max_concurrency=16, env=env,
+                            log_dir=tempfile.mkdtemp(prefix="bench-replicas-"))
+        with ReplicaSet(cfg, f"preset:{args.replica_preset}", max_len=4096, max_batch=16, seed=0) as rs:
+            client = rs.client("policy", temperature=1.0, max_tokens=args.replica_max_tokens)
+            _rollout(client, structure, 2 * n, 1, "async", seed0=700)  # compile every replica's shapes
+            runner, wall = _rollout(client, structure, args.replica_episodes, args.replica_steps, "async",
+                                    num_envs=args.replica_episodes)
+            client.close()
+            rates[n] = runner.stats.agent_steps / wall
+            print(f"replicas: {n} replica(s) of preset:{args.replica_preset} ({threads} CPU thread(s) each): "
+                  f"{args.replica_episodes} episodes x {args.replica_steps} steps, {runner.stats.agent_steps} agent "
+                  f"steps in {wall:6.1f} s = {rates[n]:.3f} agent-steps/s; requests per replica {rs.stats['served']}")
+    print(f"replicas: ratio two replicas / one = {rates[2] / rates[1]:.2f}x  (ideal 2x: each replica has its "
+          f"own {threads} thread(s); on a pod each replica is a host with its own chips)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
@@ -266,6 +295,11 @@ def main() -> None:
     ap.add_argument("--bw_dtype", default="float32")
     ap.add_argument("--bw_batch", type=int, default=16)
     ap.add_argument("--bw_steps", type=int, default=32)
+    ap.add_argument("--replica_preset", default="tiny")
+    ap.add_argument("--replica_threads", type=int, default=1)
+    ap.add_argument("--replica_episodes", type=int, default=16)
+    ap.add_argument("--replica_steps", type=int, default=2)
+    ap.add_argument("--replica_max_tokens", type=int, default=48)
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from automem_jax.models.tokenizer import load_tokenizer

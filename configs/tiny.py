@@ -10,6 +10,8 @@ teacher's Craftax traces (automem_jax/loops/teacher.py); the loops then improve 
 
 from ml_collections import ConfigDict, config_dict
 
+from automem_jax.llm.replicas import OWN_SERVER
+
 ALL_PHASES = "bootstrap,baseline,loop1,collect,loop2,final_eval,export,report"
 
 
@@ -119,6 +121,27 @@ def get_config() -> ConfigDict:
     # ("tpu v5p", "h100", ...). Set, launch.tpu_run checks the per-chip serving memory before it
     # starts (when inference.mesh has no -1); "" = unchecked.
     c.inference.device_kind = ""
+    # Who serves the rollouts. local: the engine above, in this process (SPMD over the slice).
+    # server: managed OpenAI-compatible replicas beside this process (vLLM-TPU, vLLM, SGLang-JAX, or
+    # our own automem_jax.llm.server), started per host from inference.server.command, stopped
+    # while training runs and started again on the new weights; the Loop-2 specialist is loaded into
+    # them as a LoRA adapter at run time. See the README's pod recipe.
+    c.inference.backend = "local"
+    c.inference.server = ConfigDict()
+    # Placeholders: {python} {checkpoint} {tokenizer} {port} {host} {model} {max_len} {max_batch}
+    # {seed} {tensor} {lora_rank}. Default: our server (CPU-friendly); for vLLM see automem_jax.llm.replicas.VLLM.
+    c.inference.server.command = OWN_SERVER
+    c.inference.server.replicas = 1  # servers per host (one per host with tensor parallel inside it)
+    c.inference.server.host = "127.0.0.1"  # interface they bind; 0.0.0.0 when other hosts must reach them
+    c.inference.server.advertise = ""  # the address other hosts use ("" = host, or this host's IP)
+    c.inference.server.base_port = 8100  # replica i listens on base_port + i; 0 = any free port
+    c.inference.server.health_timeout_s = 900.0  # loading and compiling a 32B model takes minutes
+    c.inference.server.request_timeout_s = 600.0
+    c.inference.server.api_key_env = ""  # variable holding the key the replicas were started with
+    c.inference.server.max_restarts = 3  # per replica; a crashed replica's requests go to the others
+    c.inference.server.max_concurrency = 64  # requests in flight per replica
+    c.inference.server.env = ""  # added to the replicas' environment: "NAME=value,NAME2=value"
+    c.inference.server.log_dir = ""  # replica logs; "" = <tmp>/automem_jax_replicas
 
     c.eval = ConfigDict()
     c.eval.seeds = "42-49"  # fixed evaluation seeds (upstream Crafter: 42-51)

@@ -123,6 +123,8 @@ class Run:
         self._mesh = None
         self._serving_mesh = None
         self._engines: dict[str, object] = {}
+        self._replicas: dict[str, object] = {}  # model source -> ReplicaSet (inference.backend=server)
+        self._rounds = 0  # multi-host hand-offs so far (the same count on every host)
         self.tokens_in = 0
         self.tokens_out = 0
 
@@ -243,16 +245,121 @@ class Run:
                                            model_name=source or self.cfg.model.preset, **kwargs)
         return self._engines[source]
 
+    @property
+    def hosted(self) -> bool:
+        """Rollouts go to managed replicas (inference.backend=server), not to an in-process engine."""
+        return self.cfg.inference.backend == "server"
+
+    def replicas(self, source: str, *, extra: bool = False):
+        """The started ReplicaSet serving `source` (its base model is named SERVED_BASE). A set on
+        other weights is stopped first, unless `extra` (a full fine-tuned specialist served beside
+        the base, on the next ports). Multi-host: every host starts its own replicas and process 0,
+        which plays, learns the other hosts' endpoints."""
+        if source in self._replicas:
+            return self._replicas[source]
+        import dataclasses
+
+        import jax
+
+        from automem_jax.llm.replicas import ReplicaConfig, ReplicaSet
+        if not extra:
+            self.release_inference()
+        inf = self.cfg.inference
+        rcfg = ReplicaConfig.from_any(inf.server)
+        if extra and rcfg.base_port:
+            rcfg = dataclasses.replace(rcfg, base_port=rcfg.base_port + rcfg.replicas * len(self._replicas))
+        tensor = inf.mesh.tensor if inf.mesh.tensor > 0 else jax.local_device_count()
+        ckpt = source or f"preset:{self.cfg.model.preset}"
+        rs = ReplicaSet(rcfg, ckpt, model=SERVED_BASE, tokenizer=self.cfg.tokenizer or source, max_len=inf.max_len,
+                        max_batch=inf.max_batch, seed=self.cfg.seed, tensor=tensor,
+                        lora_rank=self.cfg.loop2.train.lora_rank, host_index=jax.process_index())
+        self._replicas[source] = rs.start()
+        rs.add_remote(self._gather_endpoints(rs.local_urls))
+        return rs
+
+    def _gather_endpoints(self, urls: list[str]) -> list[str]:
+        """Process 0 gets every other host's replica URLs (the coordinator's key-value store)."""
+        import jax
+        self._rounds += 1
+        if jax.process_count() == 1:
+            return []
+        kv = _kv_client()
+        prefix = f"automem/replicas/{self._rounds}"
+        kv.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps(urls))
+        if jax.process_index() != 0:
+            return []
+        timeout_ms = int(self.cfg.inference.server.health_timeout_s * 1000) + 60_000
+        return [u for i in range(1, jax.process_count())
+                for u in json.loads(kv.blocking_key_value_get(f"{prefix}/{i}", timeout_ms))]
+
+    def release_inference(self) -> None:
+        """Stops the replicas and drops the in-process engines (weights and KV cache), so that
+        training has the chips and the memory; the next evaluation starts them on the new weights."""
+        for rs in self._replicas.values():
+            rs.stop()
+        self._replicas.clear()
+        if self._engines:
+            self._engines.clear()
+            import gc
+            gc.collect()
+
+    def on_accelerator(self, unit: str, **kwargs) -> dict:
+        """Runs UNITS[unit](run, **kwargs), the training and weight-writing work. In process for
+        the local engine; with managed replicas (which hold the chips while they serve, and a TPU
+        chip has one owner at a time) in a child process on every host, started after the replicas
+        stop and gone before they start again (launch/child.py)."""
+        self.release_inference()
+        if not self.hosted:
+            return UNITS[unit](self, **kwargs)
+        from launch.child import run_child
+        self._rounds += 1
+        return run_child(self.cfg, self.workdir, unit, kwargs, round_=self._rounds)
+
+    def sampling(self) -> dict:
+        inf = self.cfg.inference
+        extra = {} if inf.repetition_penalty is None else {"repetition_penalty": float(inf.repetition_penalty)}
+        return dict(temperature=inf.temperature, top_p=inf.top_p, max_tokens=inf.max_tokens, extra_body=extra or None)
+
     def client(self, source: str):
+        if self.hosted:
+            return self.replicas(source).client(SERVED_BASE, **self.sampling())
         from automem_jax.llm.client import EngineClient
         inf = self.cfg.inference
         return EngineClient(self.engine(source), temperature=inf.temperature, top_p=inf.top_p,
                             max_tokens=inf.max_tokens)
 
+    def specialist_client(self, checkpoint: str, adapter: str | None):
+        """The memory specialist: in process, an engine on its merged folder; on replicas, its LoRA
+        adapter loaded beside the base model (a full fine-tune gets replicas of its own)."""
+        if not self.hosted:
+            return self.client(checkpoint)
+        if adapter:
+            import hashlib
+            name = "specialist-" + hashlib.sha1(adapter.encode()).hexdigest()[:10]
+            rs = self.replicas(self.base_source())
+            rs.load_adapter(name, adapter)
+            return rs.client(name, **self.sampling())
+        self.replicas(self.base_source())
+        return self.replicas(checkpoint, extra=True).client(SERVED_BASE, **self.sampling())
+
     # -- evaluation ----------------------------------------------------------------------------------
     def play(self, client, structure, run_dir: str, seeds: list[int], *, max_steps: int | None = None,
-             two_model: bool = False) -> dict:
-        """Every configured env on the given seeds into run_dir; returns the combined summary."""
+             two_model: bool = False, hosted: bool = False) -> dict:
+        """Every configured env on the given seeds into run_dir; returns the combined summary.
+        `hosted` (replicas serve the requests): on a multi-host run process 0 plays alone and hands
+        the summary to the others, whose replicas serve meanwhile."""
+        import jax
+        if hosted and jax.process_count() > 1:
+            self._rounds += 1
+            key = f"automem/play/{self._rounds}"
+            if jax.process_index() != 0:
+                summary = _kv_wait(key)
+                self.tokens_in += summary.get("input_tokens", 0)
+                self.tokens_out += summary.get("output_tokens", 0)
+                return summary
+            summary = self.play(client, structure, run_dir, seeds, max_steps=max_steps, two_model=two_model)
+            _kv_client().key_value_set(key, json.dumps(summary))
+            return summary
         from automem_jax.rollout.runner import Runner
         from automem_jax.rollout.traces import summarize
         inf = self.cfg.inference
@@ -277,13 +384,39 @@ class Run:
         levels = self.cfg.env.levels_path if name.startswith("minihack:Boxoban") else ""
         return {"boxoban_levels": levels} if levels else {}
 
-    def evaluate(self, structure, run_dir: str, seeds: list[int], specialist: str | None = None) -> dict:
+    def evaluate(self, structure, run_dir: str, seeds: list[int], specialist: str | None = None,
+                 adapter: str | None = None) -> dict:
+        """The base policy, or (`specialist`: its merged folder; `adapter`: its PEFT folder, which
+        replicas load at run time) the two-model system: specialist for memory, base for actions."""
         base = self.base_source()
         if specialist is None:
-            return self.play(self.client(base), structure, run_dir, seeds)
+            return self.play(self.client(base), structure, run_dir, seeds, hosted=self.hosted)
         from automem_jax.llm.client import RouterClient
-        router = RouterClient(memory=self.client(specialist), gameplay=self.client(base))
-        return self.play(router, structure, run_dir, seeds, two_model=True)
+        router = RouterClient(memory=self.specialist_client(specialist, adapter), gameplay=self.client(base))
+        return self.play(router, structure, run_dir, seeds, two_model=True, hosted=self.hosted)
+
+
+SERVED_BASE = "policy"  # the base model's name on the replicas
+
+
+def _kv_client():
+    from jax._src import distributed
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("multi-host hand-off needs jax.distributed.initialize() (mesh.multi_host)")
+    return client
+
+
+def _kv_wait(key: str) -> dict:
+    """Waits (without a deadline: an evaluation may take hours) for process 0 to publish `key`."""
+    kv = _kv_client()
+    while True:
+        try:
+            return json.loads(kv.blocking_key_value_get(key, 600_000))
+        except Exception as e:  # noqa: BLE001 - the coordinator's timeout error has no public type
+            if "DEADLINE_EXCEEDED" not in str(e) and "timed out" not in str(e).lower():
+                raise
+            log.info("waiting for process 0 to finish playing (%s)", key)
 
 
 def combined_summary(run_dir: str) -> dict:
@@ -339,9 +472,7 @@ def phase_bootstrap(run: Run) -> dict:
     if not b.enabled:
         return {"skipped": "bootstrap.enabled is False"}
     from automem_jax.loops.teacher import TeacherClient, teacher_examples
-    from automem_jax.models import hf
     from automem_jax.training.data import SFTDataset, build_dataset
-    from automem_jax.training.trainer import Trainer
 
     structure = load_structure(cfg)
     teacher = TeacherClient(seed=cfg.seed, redundant_write_rate=b.redundant_write_rate,
@@ -375,18 +506,29 @@ def phase_bootstrap(run: Run) -> dict:
 
     model_dir = run.path("bootstrap", "model")
     if not _unit_done(model_dir):
-        model, mcfg = run.load_model(cfg.model.checkpoint)
-        res = Trainer(model, mcfg, train_config(b.train), run.path("bootstrap", "train"), mesh=run.mesh).fit(ds)
-        from automem_jax.models import lora
-        policy = lora.merge_lora(res.model) if lora.has_lora(res.model) else res.model
-        hf.save_pretrained(policy, mcfg, model_dir, tokenizer=run.tok)  # every host gathers; host 0 writes
-        _mark_unit(model_dir, res.summary())
-        log.info("bootstrap training: loss %.3f -> %.3f over %d steps; policy saved to %s",
-                 res.first_loss, res.final_loss, res.steps, model_dir)
+        run.on_accelerator("bootstrap_train")
     info = _read_json(storage.join(model_dir, "info.json")) or {}
     return {"teacher_summary": storage.join(traces, "summary.json"),
             "teacher_progression": summary["average_progress"], "teacher_hygiene": _hygiene(summary),
             "examples": len(ds), "model": model_dir, "train": info}
+
+
+def bootstrap_train(run: Run) -> dict:
+    """Full fine-tune of the random tiny model on the teacher dataset -> bootstrap/model."""
+    from automem_jax.models import hf, lora
+    from automem_jax.training.data import SFTDataset
+    from automem_jax.training.trainer import Trainer
+    b = run.cfg.bootstrap
+    model_dir = run.path("bootstrap", "model")
+    ds = SFTDataset.load(run.path("bootstrap", "dataset"), run.tok)
+    model, mcfg = run.load_model(run.cfg.model.checkpoint)
+    res = Trainer(model, mcfg, train_config(b.train), run.path("bootstrap", "train"), mesh=run.mesh).fit(ds)
+    policy = lora.merge_lora(res.model) if lora.has_lora(res.model) else res.model
+    hf.save_pretrained(policy, mcfg, model_dir, tokenizer=run.tok)  # every host gathers; host 0 writes
+    _mark_unit(model_dir, res.summary())
+    log.info("bootstrap training: loss %.3f -> %.3f over %d steps; policy saved to %s",
+             res.first_loss, res.final_loss, res.steps, model_dir)
+    return {"model": model_dir}
 
 
 def phase_baseline(run: Run) -> dict:
@@ -461,7 +603,8 @@ def phase_collect(run: Run) -> dict:
                                useless_read_rate=b.useless_read_rate, tokenizer=run.tok)
     else:
         client = run.client(run.base_source())
-    s = run.play(client, best_structure(run), out, seeds, max_steps=c.max_steps)
+    s = run.play(client, best_structure(run), out, seeds, max_steps=c.max_steps,
+                 hosted=run.hosted and c.policy != "teacher")
     log.info(_progress_line(f"collect ({c.policy})", s))
     return {"run_dir": out, "episodes": s["episodes"], "average_progress": s["average_progress"],
             "hygiene": _hygiene(s), "seeds": seeds, "policy": c.policy}
@@ -477,41 +620,21 @@ def _judge(run: Run):
 def phase_loop2(run: Run) -> dict:
     """Mine good memory turns -> postprocess -> LoRA SFT -> two-model eval; one ledger row per iteration."""
     from automem_jax.loops.proficiency import NotEnoughExamples, run_loop2
-    from automem_jax.models import hf, lora
-    from automem_jax.training.data import build_dataset
-    from automem_jax.training.trainer import Trainer
 
     cfg = run.cfg
     l2 = cfg.loop2
     seeds = parse_seeds(cfg.eval.seeds)
     structure = best_structure(run)
-    tcfg = train_config(l2.train)
 
     def train_fn(dataset_dir: str, out_dir: str, iteration: int) -> dict:
-        rows = [json.loads(x) for x in storage.read_text(storage.join(dataset_dir, "selected.jsonl")).splitlines()
-                if x.strip()]
+        rows = [x for x in storage.read_text(storage.join(dataset_dir, "selected.jsonl")).splitlines() if x.strip()]
         if not rows:
             raise NotEnoughExamples(0, l2.min_examples, {"dataset": dataset_dir})
-        ds = build_dataset(rows, run.tok, data_config(l2.data), source=dataset_dir)
-        model, mcfg = run.load_model(run.base_source())
-        res = Trainer(model, mcfg, tcfg, out_dir, mesh=run.mesh, base_ref=run.base_source()).fit(
-            ds, log_fn=lambda r: log.info("loop2 iter %d step %d loss %.4f %.0f tok/s", iteration, r["step"],
-                                          r["loss"], r["tokens_per_s"]))
-        specialist = storage.join(out_dir, "specialist")
-        # Every host joins the gathers inside these; only host 0 writes files.
-        if tcfg.mode == "lora":
-            hf.save_peft_adapter(res.model, mcfg, trainer_lora(tcfg), storage.join(out_dir, "peft"),
-                                 base_model_name_or_path=run.base_source() or cfg.model.preset)
-            merged = lora.merge_lora(res.model)
-        else:
-            merged = res.model
-        hf.save_pretrained(merged, mcfg, specialist, tokenizer=run.tok, dtype=cfg.export.dtype)
-        return {"checkpoint": specialist, "peft": storage.join(out_dir, "peft") if tcfg.mode == "lora" else "",
-                "first_loss": res.first_loss, "final_loss": res.final_loss, "steps": res.steps,
-                "examples": len(ds), "dir": out_dir, "manifest": ds.manifest, "resumed_from": res.resumed_from}
+        return run.on_accelerator("loop2_train", dataset_dir=dataset_dir, out_dir=out_dir, iteration=iteration)
 
     def eval_fn(train_result: dict, run_dir: str, iteration: int) -> dict:
-        s = run.evaluate(structure, run_dir, seeds, specialist=train_result["checkpoint"])
+        s = run.evaluate(structure, run_dir, seeds, specialist=train_result["checkpoint"],
+                         adapter=train_result.get("peft") or None)
         log.info(_progress_line(f"loop2 iteration {iteration} (two-model)", s))
         return s
 
@@ -531,6 +654,44 @@ def phase_loop2(run: Run) -> dict:
             "progression": [r.get("progression_mean") for r in rows],
             "redundant_write_rate": [r.get("hygiene", {}).get("redundant_write_rate") for r in rows],
             "tokens_in": run.tokens_in, "tokens_out": run.tokens_out}
+
+
+def loop2_train(run: Run, dataset_dir: str, out_dir: str, iteration: int) -> dict:
+    """LoRA (or full) SFT of the base policy on a Loop-2 dataset -> the merged specialist folder
+    and, for LoRA, its PEFT adapter (which replicas load at run time)."""
+    from automem_jax.models import hf, lora
+    from automem_jax.training.data import build_dataset
+    from automem_jax.training.trainer import Trainer
+    cfg = run.cfg
+    l2 = cfg.loop2
+    tcfg = train_config(l2.train)
+    rows = [json.loads(x) for x in storage.read_text(storage.join(dataset_dir, "selected.jsonl")).splitlines()
+            if x.strip()]
+    ds = build_dataset(rows, run.tok, data_config(l2.data), source=dataset_dir)
+    model, mcfg = run.load_model(run.base_source())
+    res = Trainer(model, mcfg, tcfg, out_dir, mesh=run.mesh, base_ref=run.base_source()).fit(
+        ds, log_fn=lambda r: log.info("loop2 iter %d step %d loss %.4f %.0f tok/s", iteration, r["step"],
+                                      r["loss"], r["tokens_per_s"]))
+    specialist = storage.join(out_dir, "specialist")
+    # Every host joins the gathers inside these; only host 0 writes files.
+    if tcfg.mode == "lora":
+        hf.save_peft_adapter(res.model, mcfg, trainer_lora(tcfg), storage.join(out_dir, "peft"),
+                             base_model_name_or_path=run.base_source() or cfg.model.preset)
+        merged = lora.merge_lora(res.model)
+    else:
+        merged = res.model
+    hf.save_pretrained(merged, mcfg, specialist, tokenizer=run.tok, dtype=cfg.export.dtype)
+    return {"checkpoint": specialist, "peft": storage.join(out_dir, "peft") if tcfg.mode == "lora" else "",
+            "first_loss": res.first_loss, "final_loss": res.final_loss, "steps": res.steps,
+            "examples": len(ds), "dir": out_dir, "manifest": ds.manifest, "resumed_from": res.resumed_from}
+
+
+def export_base(run: Run, out: str) -> dict:
+    """The base policy as a Hugging Face folder (export when no Loop-2 iteration finished)."""
+    from automem_jax.models import hf
+    model, mcfg = run.load_model(run.base_source())
+    hf.save_pretrained(model, mcfg, out, tokenizer=run.tok, dtype=run.cfg.export.dtype)
+    return {"hf": out}
 
 
 def trainer_lora(tcfg):
@@ -568,7 +729,8 @@ def phase_final_eval(run: Run) -> dict:
             from automem_jax.rollout.traces import dumps_pretty
             storage.write_text(storage.join(out, "summary.json"), dumps_pretty(s))
     else:
-        s = run.evaluate(best_structure(run), out, seeds, specialist=best["train"]["checkpoint"])
+        s = run.evaluate(best_structure(run), out, seeds, specialist=best["train"]["checkpoint"],
+                         adapter=best["train"].get("peft") or None)
     base_dir = run.path("eval", "baseline") if same else run.path("eval", "final_baseline")
     base = _read_json(storage.join(base_dir, "summary.json"))
     if base is None:
@@ -593,9 +755,7 @@ def phase_export(run: Run) -> dict:
     result = {"hf": out}
     if best is None:
         log.info("export: no Loop-2 iteration; exporting the base policy")
-        model, mcfg = run.load_model(run.base_source())
-        from automem_jax.models import hf
-        hf.save_pretrained(model, mcfg, out, tokenizer=run.tok, dtype=cfg.export.dtype)
+        run.on_accelerator("export_base", out=out)
     elif is_writer():
         result["files"] = copy_folder(best["train"]["checkpoint"], out)
         peft = best["train"].get("peft")
@@ -633,6 +793,10 @@ def phase_report(run: Run) -> dict:
     log.info("report: %s", path)
     return {"report": path}
 
+
+# The units that need the accelerator: in process with inference.backend=local; with managed
+# replicas, each in a child process (launch/child.py) that holds the chips only while it runs.
+UNITS = {"bootstrap_train": bootstrap_train, "loop2_train": loop2_train, "export_base": export_base}
 
 PHASES = {
     "bootstrap": phase_bootstrap, "baseline": phase_baseline, "loop1": phase_loop1, "collect": phase_collect,

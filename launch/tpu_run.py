@@ -48,12 +48,20 @@ def _sync(tag: str) -> None:
 def run(cfg, workdir: str, phases: list[str]) -> None:
     import jax  # noqa: F401  (loaded first: storage.primary_host() asks jax for the process index)
 
-    from launch.phases import PHASES, Run
+    from launch.phases import Run
     storage.makedirs(workdir)
     if storage.primary_host():
         storage.write_text(storage.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2) + "\n")
     _sync("automem start")
     ctx = Run(cfg, workdir)
+    try:
+        _run_phases(ctx, workdir, phases)
+    finally:
+        ctx.release_inference()  # managed replicas never outlive the job
+
+
+def _run_phases(ctx, workdir: str, phases: list[str]) -> None:
+    from launch.phases import PHASES
     for name in phases:
         if _phase_done(workdir, name):
             log.info("phase %s: already done in %s, skipping", name, workdir)
@@ -142,6 +150,7 @@ def validate_devices(cfg, phases: list[str], model_cfg=None) -> None:
 
 
 GENERATION_CONFIG = ("auto", "none")
+BACKENDS = ("local", "server")
 
 
 def validate_inference(cfg, phases: list[str], model_cfg=None, n_devices: int | None = None) -> None:
@@ -153,6 +162,16 @@ def validate_inference(cfg, phases: list[str], model_cfg=None, n_devices: int | 
     from automem_jax.llm import layout
     from automem_jax.parallel.mesh import serving_mesh_config, serving_rules
     inf = cfg.inference
+    if inf.backend not in BACKENDS:
+        raise ValueError(f"inference.backend {inf.backend!r}: expected one of {', '.join(BACKENDS)}")
+    if inf.backend == "server":
+        from automem_jax.llm.replicas import ReplicaConfig
+        try:
+            rcfg = ReplicaConfig.from_any(inf.server)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"inference.server: {e}") from None
+        if rcfg.api_key_env and not os.environ.get(rcfg.api_key_env):
+            raise ValueError(f"inference.server.api_key_env: environment variable {rcfg.api_key_env} is not set")
     if inf.max_batch < 1 or inf.max_len < 2:
         raise ValueError(f"inference.max_batch {inf.max_batch} / max_len {inf.max_len}: expected >= 1 / >= 2")
     mesh = serving_mesh_config(inf.mesh.to_dict())
@@ -214,16 +233,25 @@ def main(argv) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("httpx2", "httpcore2"):  # one INFO line per HTTP request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     # orbax logs every save through absl at INFO; keep one line per unit of work.
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
     cfg = _CONFIG.value
     phases = _resolve_phases(cfg)
     model_cfg = validate_config(cfg, phases)
+    if cfg.inference.backend == "server":
+        # The replicas own the accelerator while they serve; this process stays on the CPU and
+        # runs training in child processes (launch/child.py), which check the devices themselves.
+        import jax
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if cfg.mesh.multi_host:
         from automem_jax.parallel.mesh import MeshConfig, maybe_initialize_distributed
         maybe_initialize_distributed(MeshConfig.from_any(cfg.mesh.to_dict()))
-    validate_devices(cfg, phases, model_cfg)
+    if cfg.inference.backend != "server":
+        validate_devices(cfg, phases, model_cfg)
     run(cfg, _WORKDIR.value, phases)
 
 

@@ -50,7 +50,8 @@ class FakeAPI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
                     k = len(fake.calls)
-                    rec = {"body": body, "headers": dict(self.headers), "start": t0, "port": self.client_address[1]}
+                    # The parsed headers, looked up case-insensitively (httpx2 sends lowercase names).
+                    rec = {"body": body, "headers": self.headers, "start": t0, "port": self.client_address[1]}
                     fake.calls.append(rec)
                     fake.in_flight += 1
                     fake.peak = max(fake.peak, fake.in_flight)

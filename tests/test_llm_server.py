@@ -128,7 +128,9 @@ BAD = [
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, 400, "must be a string"),
     ({"messages": ["hi"]}, 400, "messages[0] must be an object"),
     ({"messages": MSG, "n": 2}, 400, "only n=1 is supported"),
-    ({"messages": MSG, "stream": True}, 400, "stream=true is not supported"),
+    ({"messages": MSG, "stream": "yes"}, 400, "'stream' must be a boolean"),
+    ({"messages": MSG, "stream_options": {"include_usage": True}}, 400, "'stream_options' is only allowed"),
+    ({"messages": MSG, "stream": True, "stream_options": {"include_usage": 1}}, 400, "must be a boolean"),
     ({"messages": MSG, "temperature": 2.5}, 400, "'temperature' must be >= 0 and <= 2"),
     ({"messages": MSG, "temperature": -0.1}, 400, "'temperature' must be >= 0"),
     ({"messages": MSG, "top_p": 0}, 400, "'top_p' must be > 0 and <= 1"),
@@ -160,6 +162,58 @@ def test_sampling_fields_left_out_stay_unset():
     assert (p.top_p, p.top_k, p.repetition_penalty, p.temperature, p.max_tokens) == (None, None, None, 1.0, 64)
     _, p = parse_chat_body({"messages": MSG, "top_p": 0.8, "top_k": -1, "repetition_penalty": 1.05}, ("tiny",), 64)
     assert (p.top_p, p.top_k, p.repetition_penalty) == (0.8, 0, 1.05)
+
+
+ERRORS = [  # body -> (status, param, code) of the error; pydantic's loc becomes OpenAI's param
+    ({"messages": MSG * 2 + [{"role": "user"}]}, 400, "messages[2].content", "invalid_content"),
+    ({"messages": [{"content": "x"}]}, 400, "messages[0].role", "invalid_role"),
+    ({"messages": None}, 400, "messages", "missing_messages"),
+    ({"messages": []}, 400, "messages", "invalid_messages"),
+    ({"messages": MSG, "temperature": True}, 400, "temperature", "invalid_type"),
+    ({"messages": MSG, "max_tokens": 8.0}, 400, "max_tokens", "invalid_type"),
+    ({"messages": MSG, "top_k": -2}, 400, "top_k", "out_of_range"),
+    ({"messages": MSG, "max_tokens": 4, "max_completion_tokens": 0}, 400, "max_completion_tokens", "out_of_range"),
+    ({"messages": MSG, "stream": True, "stream_options": {"include_usage": 1}}, 400, "stream_options.include_usage",
+     "invalid_type"),
+    ({"messages": MSG, "stream": True, "stream_options": {"continuous_usage_stats": True}}, 400,
+     "stream_options.continuous_usage_stats", "unsupported"),
+    ({"messages": MSG, "stream_options": {}}, 400, "stream_options", "invalid_value"),
+    ({"messages": MSG, "n": 2}, 400, "n", "unsupported"),
+    ({"messages": MSG, "logit_bias": {"1": 5}}, 400, "logit_bias", "unsupported"),
+    ({"messages": MSG, "stop": ["a"] * 17}, 400, "stop", "invalid_value"),
+    ({"model": 5, "messages": MSG}, 400, "model", "invalid_type"),
+    ({"model": "gpt-4o", "messages": MSG}, 404, "model", "model_not_found"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,code", ERRORS, ids=[e[2] for e in ERRORS])
+def test_chat_body_errors_name_the_field(body, status, param, code):
+    from automem_jax.llm.server import ApiError, parse_chat_body
+    with pytest.raises(ApiError) as ei:
+        parse_chat_body(body, ("tiny",), 64)
+    assert (ei.value.status, ei.value.param, ei.value.code) == (status, param, code), ei.value.message
+
+
+def test_chat_request_model_ignores_unknown_fields(served):
+    """ChatCompletionRequest: fields OpenAI or vLLM define that we do not use are ignored (vLLM
+    does the same), the refused ones are accepted at their defaults, and its JSON schema lists them."""
+    from automem_jax.llm.server import ChatCompletionRequest, parse_chat_body, stream_settings
+    body = {"messages": MSG, "max_completion_tokens": 3, "stop": "x", "user": "u-1", "metadata": {"k": "v"},
+            "store": False, "parallel_tool_calls": True, "tools": [], "tool_choice": "none", "logprobs": False,
+            "presence_penalty": 0, "response_format": {"type": "text"}}
+    req, p = parse_chat_body(body, ("tiny",), 64)
+    assert (p.max_tokens, p.stop, req.stop, req.messages) == (3, ["x"], ["x"], MSG)
+    assert stream_settings(body) == (False, False)
+    assert stream_settings(dict(body, stream=True, stream_options={"include_usage": True})) == (True, True)
+    status, _, obj = _raw(served[0], "POST", "/v1/chat/completions", dict(body, max_completion_tokens=2))
+    assert status == 200 and 1 <= obj["usage"]["completion_tokens"] <= 2, obj
+    schema = ChatCompletionRequest.model_json_schema()
+    assert schema["required"] == ["messages"]
+    assert {"model", "messages", "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens",
+            "max_completion_tokens", "seed", "stop", "n", "stream", "stream_options", "include_stop_str_in_output",
+            "tools", "logprobs", "response_format"} <= set(schema["properties"])
+    temp = schema["properties"]["temperature"]["anyOf"][0]
+    assert (temp["type"], temp["minimum"], temp["maximum"]) == ("number", 0, 2)
 
 
 def test_unknown_path_wrong_method_and_large_body(served):
@@ -343,3 +397,183 @@ def test_serve_runs_the_engine_in_background_only_while_serving():
         assert engine.background  # not ours to stop
     finally:
         engine.stop_background()
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming (server-sent events), /health
+
+def _stream_chunks(handle, messages=HELLO, **kw):
+    """(joined text, finish reasons of the content chunks, usage chunks) of one streamed reply."""
+    parts, finishes, usage = [], [], []
+    for ch in _client(handle).chat.completions.create(model="tiny", messages=messages, stream=True, **kw):
+        assert ch.object == "chat.completion.chunk" and ch.model == "tiny"
+        if not ch.choices:
+            usage.append(ch.usage)
+            continue
+        parts.append(ch.choices[0].delta.content or "")
+        finishes.append(ch.choices[0].finish_reason)
+    return "".join(parts), finishes, usage
+
+
+def _complete(handle, messages=HELLO, **kw):
+    return _client(handle).chat.completions.create(model="tiny", messages=messages, **kw)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_streamed_text_equals_the_non_streamed_reply(served, include_usage):
+    handle, _ = served
+    ref = _complete(handle, max_tokens=10, temperature=0)
+    extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+    text, finishes, usage = _stream_chunks(handle, max_tokens=10, temperature=0, **extra)
+    assert text == ref.choices[0].message.content
+    assert finishes[-1] == ref.choices[0].finish_reason and not any(finishes[:-1])
+    if include_usage:  # one usage chunk with no choices, last
+        assert len(usage) == 1
+        assert (usage[0].prompt_tokens, usage[0].completion_tokens, usage[0].total_tokens) == \
+            (ref.usage.prompt_tokens, ref.usage.completion_tokens, ref.usage.total_tokens)
+    else:
+        assert usage == []
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 5}], ids=["greedy", "seeded"])
+def test_streamed_text_with_a_stop_string(served, sampling):
+    """The deltas never run past a stop string: joined they equal the reply cut at it. (The random
+    tiny model answers "hi" greedily with newlines then " là là ..."; sampled, with words of many
+    scripts, so multi-byte characters cross token boundaries.)"""
+    handle, _ = served
+    msgs = [{"role": "user", "content": "hi"}]
+    full = _complete(handle, msgs, max_tokens=16, **sampling).choices[0].message.content
+    # The last 3-character piece of the reply that occurs there first: the cut keeps most of it.
+    i = max(i for i in range(len(full) - 2) if full.find(full[i:i + 3]) == i and "\ufffd" not in full[i:i + 3])
+    stop = full[i:i + 3]
+    assert i >= 3, (full, stop)
+    for include in (False, True):
+        kw = dict(max_tokens=16, stop=[stop, "\u00e9t\u00e9 zzz"], extra_body={"include_stop_str_in_output": include},
+                  **sampling)
+        ref = _complete(handle, msgs, **kw)
+        assert ref.choices[0].finish_reason == "stop"
+        assert ref.choices[0].message.content == full[:i + (len(stop) if include else 0)]
+        text, finishes, _ = _stream_chunks(handle, msgs, **kw)
+        assert text == ref.choices[0].message.content and finishes[-1] == "stop"
+    text, finishes, _ = _stream_chunks(handle, msgs, max_tokens=16, **sampling)
+    assert text == full
+
+
+def test_settled_text_never_takes_back_a_character():
+    """Every settled prefix of a reply with multi-byte characters (decoded token by token, with
+    incomplete UTF-8 at the cut) is a prefix of the final text."""
+    from automem_jax.llm.server import _settled
+    from automem_jax.models.tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    final = "Caf\u00e9 \u4e16\u754c \U0001F389\U0001F333 done\u2014ok"
+    ids = tok.encode(final, add_special_tokens=False)
+    assert tok.decode(ids) == final
+    for hold in (0, 3):
+        sent = ""
+        for k in range(1, len(ids) + 1):
+            text = _settled(tok.decode(ids[:k], skip_special_tokens=True), hold)
+            assert "\ufffd" not in text and final.startswith(text)
+            assert text.startswith(sent) or len(text) < len(sent)
+            sent = max(sent, text, key=len)
+        assert final[:len(final) - hold] == sent
+
+
+def test_stream_wire_format(served):
+    handle, _ = served
+    conn = http.client.HTTPConnection(handle.host, handle.port, timeout=60)
+    try:
+        conn.request("POST", "/v1/chat/completions",
+                     body=json.dumps({"messages": HELLO, "max_tokens": 4, "temperature": 0, "stream": True}),
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    finally:
+        conn.close()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events), raw
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len({c["id"] for c in chunks}) == 1 and all("usage" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_stream_refused_prompt_is_a_400_and_disconnect_cancels(served):
+    """A prompt the engine refuses is an HTTP 400 even when streaming; a client that leaves
+    mid-stream, or while waiting for a whole reply, cancels its request (the engine drops it: no
+    tokens counted for it)."""
+    handle, _ = served
+    with pytest.raises(openai.BadRequestError, match="prompt has"):
+        _client(handle).chat.completions.create(model="tiny", max_tokens=4, stream=True,
+                                                messages=[{"role": "user", "content": "word " * (MAX_LEN * 2)}])
+    engine = handle.engine
+    before, tokens_before = handle.stats["requests_served"], engine.stats.generated_tokens
+    conn = http.client.HTTPConnection(handle.host, handle.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions",
+                 body=json.dumps({"messages": HELLO, "max_tokens": MAX_LEN, "temperature": 0, "stream": True}),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    while b'"content":"' not in (line := resp.readline()) or b'"role"' in line:
+        assert line, "the stream ended before a content chunk"
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.monotonic() + 30
+    while handle.stats["requests_served"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert handle.stats["requests_served"] == before + 1 and handle.stats["in_flight"] == 0
+    time.sleep(0.5)
+    assert not engine.has_work and engine.stats.generated_tokens == tokens_before
+    # The same for a client that leaves while waiting for a non-streamed reply.
+    conn = http.client.HTTPConnection(handle.host, handle.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions",
+                 body=json.dumps({"messages": HELLO, "max_tokens": MAX_LEN, "temperature": 0, "seed": 3}),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    deadline = time.monotonic() + 30
+    while handle.stats["in_flight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    conn.sock.shutdown(2)
+    conn.close()
+    while handle.stats["requests_served"] == before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert handle.stats["requests_served"] == before + 2 and handle.stats["in_flight"] == 0
+    assert not engine.has_work and engine.stats.generated_tokens == tokens_before
+
+
+def test_health_needs_no_key(served):
+    handle, _ = served
+    conn = http.client.HTTPConnection(handle.host, handle.port, timeout=30)
+    try:
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() in (b"", b"{}")
+    finally:
+        conn.close()
+    status, headers, _ = _raw(handle, "POST", "/health", {})
+    assert status == 405 and headers["Allow"] == "GET"
+
+
+def test_chunked_request_bodies(served):
+    """A chunked body is read up to the size limit (past it: 413, connection closed)."""
+    handle, _ = served
+
+    def post_chunked(parts):
+        conn = http.client.HTTPConnection(handle.host, handle.port, timeout=60)
+        try:
+            conn.request("POST", "/v1/chat/completions", body=iter(parts), encode_chunked=True,
+                         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+                                  "Transfer-Encoding": "chunked"})
+            resp = conn.getresponse()
+            return resp.status, resp.headers, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    body = json.dumps({"messages": MSG, "max_tokens": 2}).encode()
+    status, _, obj = post_chunked([body[:10], body[10:]])
+    assert status == 200 and obj["usage"]["completion_tokens"] >= 1
+    status, headers, obj = post_chunked([b"x" * (BODY_LIMIT // 2)] * 3)
+    assert status == 413 and headers["Connection"] == "close"
+    assert f"the limit is {BODY_LIMIT}" in obj["error"]["message"]
+    _assert_error_shape(obj)

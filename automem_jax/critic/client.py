@@ -1,9 +1,10 @@
 """The hosted critic: an OpenAI-compatible chat endpoint with tool calling, and the Critic protocol.
 
 * ``CriticClient`` talks to any ``/v1/chat/completions`` endpoint (OpenAI, the Gemini and Anthropic
-  OpenAI-compatibility endpoints, vLLM, ``automem_jax.llm.server``). It reuses ``OpenAIClient``'s
-  connection handling, key handling (read once from an environment variable, never shown) and
-  jittered retry policy, and adds tool calls and token accounting.
+  OpenAI-compatibility endpoints, vLLM, ``automem_jax.llm.server``) through the official ``openai``
+  SDK. It shares ``OpenAIClient``'s endpoint (``automem_jax.llm.openai_http``: key read once from
+  an environment variable and never shown, the SDK's retries with our jittered wait, one redacted
+  error message), and adds tool calls and token accounting.
 * ``run_session`` is the tool-calling loop: the model browses the traces through ``TraceTools``
   until it answers without tool calls (or a turn cap forces a final answer). Endpoints without
   tool calling get ``TraceTools.digest`` pasted into the prompt instead.
@@ -13,11 +14,9 @@
 """
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import re
-import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -27,7 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 from automem_jax.critic.heuristic import (PROPOSAL_FORMAT, HeuristicCritic, ProposalError, ProposalReply,
                                           parse_proposal)
 from automem_jax.critic.tools import TraceTools, clip
-from automem_jax.llm.client import _RETRY_STATUS, OpenAIClient, check_kind_fields, _RetryableError, _server_message
+from automem_jax.llm.client import check_kind_fields
+from automem_jax.llm.openai_http import EndpointError, OpenAIEndpoint, check_range, message_text
 from automem_jax.memory.structure import (BUDGET_DEFAULTS, LIMIT_DEFAULTS, PROMPT_PLACEHOLDERS, TOP_KEYS,
                                           MemoryStructure)
 
@@ -54,13 +54,9 @@ class CriticReply:
     seconds: float = 0.0
 
 
-class CriticError(RuntimeError):
+class CriticError(EndpointError):
     """A critic call failed for good (after retries). The message names the endpoint and status,
-    never the API key."""
-
-    def __init__(self, message: str, status: int | None = None, endpoint: str = ""):
-        super().__init__(message)
-        self.status, self.endpoint = status, endpoint
+    never the API key; it starts with one of openai_http's prefixes (``kind``)."""
 
 
 class ToolsUnsupportedError(CriticError):
@@ -92,23 +88,31 @@ class Usage:
 # --------------------------------------------------------------------------------------------
 # The HTTP client
 
-class CriticClient(OpenAIClient):
-    """Chat completions with tool calls against one OpenAI-compatible endpoint.
+class CriticClient(OpenAIEndpoint):
+    """Chat completions with tool calls against one OpenAI-compatible endpoint (the ``openai`` SDK,
+    through ``automem_jax.llm.openai_http``: key handling, retries and error messages are shared
+    with ``OpenAIClient``).
 
     base_url: e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1``.
     api_key_env: the environment variable holding the key (read here, once); None sends no key.
     timeout_s: seconds per attempt (connect, and each read of the reply): critic answers are long.
-    max_retries: extra attempts after connection errors, timeouts, 408/409/429 and 5xx.
-    max_tokens / temperature: sent with every call (temperature None = the endpoint's default).
+    max_retries: extra attempts after connection errors, timeouts, 408/409/429 and 5xx (the SDK's
+        retries, waiting as ``backoff``/``backoff_max`` say; see openai_http).
+    max_tokens / temperature: sent with every call (None = the endpoint's default).
     extra_body: merged into every request (e.g. {"reasoning_effort": "high"}).
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = None, timeout_s: float = 600,
                  max_retries: int = 3, max_tokens: int | None = 8192, temperature: float | None = None,
                  extra_body: Mapping[str, Any] | None = None, *, backoff: float = 1.0, backoff_max: float = 30.0):
+        check_range("temperature", temperature, 0, 2, allow_none=True)
+        check_range("max_tokens", max_tokens, 1, integer=True, allow_none=True)
+        if extra_body is not None and not isinstance(extra_body, Mapping):
+            raise ValueError(f"extra_body must be a mapping, got {type(extra_body).__name__}")
         super().__init__(base_url, model, api_key_env=api_key_env, timeout=timeout_s, max_retries=max_retries,
-                         backoff=backoff, backoff_max=backoff_max, max_concurrency=1, temperature=temperature,
-                         top_p=None, max_tokens=max_tokens, extra_body=extra_body)
+                         backoff=backoff, backoff_max=backoff_max, timeout_field="timeout_s")
+        self.max_tokens, self.temperature = max_tokens, temperature
+        self.extra_body = dict(extra_body or {})
         self.usage = Usage()
         self._usage_lock = threading.Lock()
 
@@ -118,74 +122,33 @@ class CriticClient(OpenAIClient):
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None,
              tool_choice: str | dict | None = None) -> CriticReply:
-        """One chat completion; raises CriticError (ToolsUnsupportedError for a tools refusal)."""
-        body: dict[str, Any] = {"model": self.model, "messages": list(messages)}
-        if self.max_tokens:
-            body["max_tokens"] = int(self.max_tokens)
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        if tools:
-            body["tools"] = list(tools)
-            if tool_choice is not None:
-                body["tool_choice"] = tool_choice
-        body.update(self.extra_body)
-        try:
-            data = json.dumps(body).encode("utf-8")
-        except (TypeError, ValueError) as e:
-            raise CriticError(self._redact(f"the request to {self.base_url} could not be encoded as JSON: {e}"),
-                              endpoint=self.base_url) from None
-        attempts = self.max_retries + 1
+        """One chat completion (the SDK retries transient failures inside it); raises CriticError
+        (ToolsUnsupportedError for an HTTP 400 that mentions tools when tools were offered)."""
         t0 = time.perf_counter()
-        last: _RetryableError | None = None
-        for attempt in range(attempts):
-            try:
-                reply = self._chat_attempt(data, bool(tools))
-            except _RetryableError as e:
-                last = e
-                log.warning("critic call attempt %d/%d failed: %s", attempt + 1, attempts, self._redact(str(e)))
-                if attempt + 1 < attempts:
-                    time.sleep(self._delay(attempt, e.retry_after))
-                continue
-            except CriticError:
-                with self._usage_lock:
-                    self.usage.failures += 1
-                raise
-            reply.seconds = time.perf_counter() - t0
+        try:
+            obj = self.chat_completion(list(messages), max_tokens=int(self.max_tokens) if self.max_tokens else None,
+                                       temperature=self.temperature, tools=list(tools) if tools else None,
+                                       tool_choice=tool_choice if tools else None, extra_body=self.extra_body)
+            reply = self._reply(obj)
+        except EndpointError as e:
             with self._usage_lock:
-                self.usage.add(reply, bool(tools))
-            return reply
+                self.usage.failures += 1
+            message = str(e)
+            cls = (ToolsUnsupportedError if tools and e.status == 400 and "tool" in e.detail.lower()
+                   else CriticError)
+            log.warning("critic call failed: %s", message)
+            raise cls(message, status=e.status, endpoint=e.endpoint, kind=e.kind, attempts=e.attempts,
+                      detail=e.detail) from None
+        reply.seconds = time.perf_counter() - t0
         with self._usage_lock:
-            self.usage.failures += 1
-        raise CriticError(self._redact(f"{last} (gave up after {attempts} attempts)"),
-                          status=getattr(last, "status", None), endpoint=self.base_url)
+            self.usage.add(reply, bool(tools))
+        return reply
 
-    def _chat_attempt(self, data: bytes, had_tools: bool) -> CriticReply:
-        where = self.base_url
+    def _reply(self, obj: dict) -> CriticReply:
+        choice = obj["choices"][0]  # chat_completion checked choices[0].message is a dict
+        msg = choice["message"]
         try:
-            status, headers, raw = self._exchange(data)
-        except (TimeoutError, socket.timeout):
-            raise _RetryableError(f"request to {where} timed out after {self.timeout:g}s") from None
-        except (OSError, http.client.HTTPException) as e:
-            raise _RetryableError(self._redact(f"connection error talking to {where}: {type(e).__name__}: {e}")) \
-                from None
-        if status >= 500 or status in _RETRY_STATUS:
-            retry_after = None
-            try:
-                retry_after = float(headers.get("Retry-After", ""))
-            except ValueError:
-                pass
-            err = _RetryableError(self._redact(f"HTTP {status} from {where}: {_server_message(raw)}"), retry_after)
-            err.status = status
-            raise err
-        if not 200 <= status < 300:
-            message = self._redact(_server_message(raw))
-            cls = ToolsUnsupportedError if had_tools and status == 400 and "tool" in message.lower() else CriticError
-            raise cls(f"HTTP {status} from {where}: {message}", status=status, endpoint=where)
-        try:
-            obj = json.loads(raw)
-            choice = obj["choices"][0]
-            msg = choice["message"]
-            content = _text_of(msg.get("content"))
+            content = message_text(msg.get("content"))
             calls = []
             for i, tc in enumerate(msg.get("tool_calls") or []):
                 fn = tc.get("function") or {}
@@ -194,24 +157,13 @@ class CriticClient(OpenAIClient):
                     args = json.dumps(args if args is not None else {})
                 calls.append(ToolCall(id=str(tc.get("id") or f"call_{i}"), name=str(fn.get("name") or ""),
                                       arguments=args))
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise CriticError(self._redact(f"malformed chat completion from {where} ({type(e).__name__}: {e}): "
-                                           f"{raw[:200].decode('utf-8', 'replace')}"), status=status,
-                              endpoint=where) from None
-        usage = obj.get("usage") or {}
-        return CriticReply(content=content, tool_calls=calls, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                           completion_tokens=int(usage.get("completion_tokens") or 0),
-                           finish_reason=str(choice.get("finish_reason") or ""))
-
-
-def _text_of(content) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    raise TypeError(f"message.content is {type(content).__name__}")
+            usage = obj.get("usage") or {}
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            completion_tokens = int(usage.get("completion_tokens") or 0)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise self._malformed(self.chat_url, f"{type(e).__name__}: {e}", json.dumps(obj).encode(), 200) from None
+        return CriticReply(content=content, tool_calls=calls, prompt_tokens=prompt_tokens,
+                           completion_tokens=completion_tokens, finish_reason=str(choice.get("finish_reason") or ""))
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,28 +13,27 @@ on the calling thread until one of them is done (deterministic: no wall clock is
 host of a multi-host run steps the same way); other back ends only wait.
 
 Back ends: ``EngineClient`` (the local batched ``Engine``), ``OpenAIClient`` (any OpenAI-compatible
-``/v1/chat/completions``: vLLM, hosted APIs, ``automem_jax.llm.server``) and ``RouterClient`` (the
+``/v1/chat/completions``: vLLM, hosted APIs, ``automem_jax.llm.server``; on the official ``openai`` SDK
+through ``automem_jax.llm.openai_http``) and ``RouterClient`` (the
 two-model setup: memory specialist + gameplay/base model). ``make_client(spec)`` builds any of them
 from a small config mapping.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
-import random
-import socket
 import threading
 import time
-import urllib.parse
 import weakref
 from collections.abc import Collection, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, ThreadPoolExecutor, wait
 from typing import Any, Protocol, runtime_checkable
 
 from automem_jax.agent.types import ROLE_GAMEPLAY, ROLE_MEMORY, ROLE_POLICY, ChatRequest, Completion
+from automem_jax.llm.openai_http import CLIENT_ERROR, EndpointError, OpenAIEndpoint, message_text
+from automem_jax.llm.openai_http import check_range as _check_range
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +110,6 @@ def safe_submit(client, request: ChatRequest, name: str = "client") -> "Future[C
 
 def _wait_first(pending: list[Future], timeout: float | None) -> None:
     wait(pending, timeout=DRIVE_TIMEOUT_S if timeout is None else timeout, return_when=FIRST_COMPLETED)
-
-
-def _check_range(name: str, value, lo=None, hi=None, *, lo_open=False, integer=False, allow_none=False):
-    if value is None and allow_none:
-        return
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ValueError(f"{name} must be <= {hi}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,117 +258,51 @@ class EngineClient:
 
 
 # ---------------------------------------------------------------------------------------------
-# OpenAI-compatible HTTP
-#
-# Plain http.client rather than the `openai` package: the runtime needs no extra dependency, and we
-# own the retry policy (jittered backoff, Retry-After, which statuses retry), the timeouts and the
-# key handling. The official package is used in the tests, as a peer talking to our server.
+# OpenAI-compatible HTTP, on the official SDK (the shared part: automem_jax.llm.openai_http)
 
-_RETRY_STATUS = frozenset({408, 409, 429})  # plus every 5xx
-
-
-class _Secret:
-    """Holds the API key so that no repr, vars() dump or traceback local shows it."""
-
-    __slots__ = ("_v",)
-
-    def __init__(self, value: str):
-        self._v = value
-
-    def get(self) -> str:
-        return self._v
-
-    def __repr__(self) -> str:
-        return "<secret>"
-
-
-class _RetryableError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class _FatalError(Exception):
-    pass
-
-
-def _server_message(data: bytes) -> str:
-    """The `error.message` of an OpenAI-style error body, else the start of the body."""
-    try:
-        obj = json.loads(data)
-        err = obj.get("error") if isinstance(obj, dict) else None
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])[:500]
-        if isinstance(err, str):
-            return err[:500]
-    except (ValueError, UnicodeDecodeError):
-        pass
-    return data[:300].decode("utf-8", "replace").strip()
-
-
-class OpenAIClient:
-    """Chat completions over HTTP against any OpenAI-compatible server.
+class OpenAIClient(OpenAIEndpoint):
+    """Chat completions over HTTP against any OpenAI-compatible server (the ``openai`` SDK).
 
     base_url: e.g. ``http://127.0.0.1:8000/v1`` (``/chat/completions`` is appended).
     api_key_env: the environment variable holding the key (read once, here); None sends no key.
     timeout: seconds per attempt for connecting and for each read of the reply.
-    max_retries: extra attempts after connection errors, timeouts, 408/409/429 and 5xx; other 4xx
-        fail at once. The wait before retry k (0-based) is ``b/2 + uniform(0, b/2)`` with
-        ``b = min(backoff_max, backoff * 2**k)``, and at least a server's Retry-After (capped).
+    max_retries: extra attempts after connection errors, timeouts, 408/409/429 and 5xx (the SDK's
+        retries); other 4xx fail at once. The wait before retry k (0-based) is
+        ``b/2 + uniform(0, b/2)`` with ``b = min(backoff_max, backoff * 2**k)``, and at least a
+        server's Retry-After (capped at backoff_max).
     max_concurrency: requests in flight at once, across every `generate` call of this client.
-    temperature/top_p: sent with every request; max_tokens: a cap on each request's own max_tokens.
-    extra_body: merged into every request body (e.g. {"top_k": 20} for vLLM).
+    temperature/top_p: sent with every request (None: not sent); max_tokens: a cap on each
+        request's own max_tokens.
+    extra_body: merged into every request body by the SDK (e.g. {"top_k": 20} for vLLM).
+
+    A failed request becomes ``Completion(text="", error=...)``; the error text starts with a
+    stable prefix (see ``automem_jax.llm.openai_http``): ``connection error`` or ``timed out`` when
+    the server could not be reached or did not answer (``is_unreachable(error)``), ``HTTP <status>``
+    when it refused the request, ``malformed chat completion`` for a 2xx reply without usable
+    choices, ``client error`` for a local problem. The key never appears in it.
+
+    ``post_json(path, body)`` / ``get_json(path)`` (from OpenAIEndpoint) call other routes of the
+    same server, relative to its root (base_url without ``/v1``): ``/v1/load_lora_adapter``,
+    ``/v1/models``, ``/health``; they raise ``EndpointError``.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
                  timeout: float = 120.0, max_retries: int = 4, backoff: float = 1.0, backoff_max: float = 30.0,
                  max_concurrency: int = 32, temperature: float | None = 1.0, top_p: float | None = 1.0,
                  max_tokens: int | None = None, extra_body: Mapping[str, Any] | None = None):
-        if not isinstance(base_url, str) or not base_url:
-            raise ValueError(f"base_url must be a non-empty string, got {base_url!r}")
-        url = urllib.parse.urlsplit(base_url.rstrip("/"))
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"base_url must look like http(s)://host[:port]/v1, got {base_url!r}")
-        try:
-            url.port
-        except ValueError as e:
-            raise ValueError(f"base_url {base_url!r}: {e}") from None
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"model must be a non-empty string, got {model!r}")
-        _check_range("timeout", timeout, 0, lo_open=True)
-        _check_range("max_retries", max_retries, 0, integer=True)
-        _check_range("backoff", backoff, 0)
-        _check_range("backoff_max", backoff_max, 0)
         _check_range("max_concurrency", max_concurrency, 1, integer=True)
         _check_range("temperature", temperature, 0, 2, allow_none=True)
         _check_range("top_p", top_p, 0, 1, lo_open=True, allow_none=True)
         _check_range("max_tokens", max_tokens, 1, integer=True, allow_none=True)
         if extra_body is not None and not isinstance(extra_body, Mapping):
             raise ValueError(f"extra_body must be a mapping, got {type(extra_body).__name__}")
-        self._key: _Secret | None = None
-        if api_key_env is not None:
-            if not isinstance(api_key_env, str) or not api_key_env:
-                raise ValueError(f"api_key_env must name an environment variable, got {api_key_env!r}")
-            value = os.environ.get(api_key_env)
-            if not value:
-                raise ValueError(f"environment variable {api_key_env} (api_key_env) is not set or empty; "
-                                 f"set it to the API key, or pass api_key_env=None for a server without auth")
-            self._key = _Secret(value)
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.api_key_env = api_key_env
-        self.timeout, self.max_retries = float(timeout), int(max_retries)
-        self.backoff, self.backoff_max = float(backoff), float(backoff_max)
+        super().__init__(base_url, model, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
+                         backoff=backoff, backoff_max=backoff_max)
         self.max_concurrency = int(max_concurrency)
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
         self.extra_body = dict(extra_body or {})
-        self._scheme, self._host, self._port = url.scheme, url.hostname, url.port
-        path = url.path.rstrip("/")
-        self._path = path if path.endswith("/chat/completions") else path + "/chat/completions"
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._local = threading.local()
-        self._conns: set[http.client.HTTPConnection] = set()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -395,16 +316,7 @@ class OpenAIClient:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-        with self._pool_lock:
-            conns, self._conns = list(self._conns), set()
-        for c in conns:
-            c.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        super().close()
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -439,127 +351,29 @@ class OpenAIClient:
             _wait_first(pending, timeout)
 
     # -- one request --
-    def _body(self, r: ChatRequest) -> bytes:
-        body: dict[str, Any] = {"model": self.model, "messages": list(r.messages)}
-        limit = r.max_tokens if self.max_tokens is None else min(r.max_tokens, self.max_tokens)
-        if limit:
-            body["max_tokens"] = int(limit)
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        if self.top_p is not None:
-            body["top_p"] = self.top_p
-        if r.stop:
-            body["stop"] = list(r.stop)
-        body.update(self.extra_body)
-        return json.dumps(body).encode("utf-8")
-
-    def _redact(self, text: str) -> str:
-        if self._key is not None and self._key.get() in text:
-            text = text.replace(self._key.get(), "<redacted>")
-        return text
-
     def _one(self, r: ChatRequest) -> Completion:
+        limit = r.max_tokens if self.max_tokens is None else min(r.max_tokens, self.max_tokens)
         try:
-            body = self._body(r)
-        except (TypeError, ValueError) as e:
-            return Completion(text="", error=self._redact(f"request could not be encoded as JSON: {e}"),
+            obj = self.chat_completion(list(r.messages), max_tokens=int(limit) if limit else None,
+                                       temperature=self.temperature, top_p=self.top_p,
+                                       stop=list(r.stop) if r.stop else None, extra_body=self.extra_body)
+            message = obj["choices"][0]["message"]
+            if "content" not in message:  # null is a legitimate empty answer; a missing field is not
+                raise self._malformed(self.chat_url, "choices[0].message has no content", json.dumps(obj).encode(),
+                                      200)
+            try:
+                text = message_text(message["content"])
+            except TypeError as e:
+                raise self._malformed(self.chat_url, str(e), json.dumps(obj).encode(), 200) from None
+            usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+            return Completion(text=text, tokens_in=int(usage.get("prompt_tokens") or 0),
+                              tokens_out=int(usage.get("completion_tokens") or 0),
+                              model_id=str(obj.get("model") or self.model))
+        except EndpointError as e:
+            return Completion(text="", error=str(e), model_id=self.model)
+        except Exception as e:  # noqa: BLE001 - never let one call raise into the rollout
+            return Completion(text="", error=self._redact(f"{CLIENT_ERROR}: {type(e).__name__}: {e}"),
                               model_id=self.model)
-        attempts = self.max_retries + 1
-        last = ""
-        for attempt in range(attempts):
-            try:
-                return self._attempt(body)
-            except _FatalError as e:
-                return Completion(text="", error=self._redact(str(e)), model_id=self.model)
-            except _RetryableError as e:
-                last = str(e)
-                if attempt + 1 < attempts:
-                    time.sleep(self._delay(attempt, e.retry_after))
-            except Exception as e:  # noqa: BLE001 - never let one call raise into the rollout
-                return Completion(text="", error=self._redact(f"client error: {type(e).__name__}: {e}"),
-                                  model_id=self.model)
-        return Completion(text="", error=self._redact(f"{last} (gave up after {attempts} attempts)"),
-                          model_id=self.model)
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        b = min(self.backoff_max, self.backoff * (2 ** attempt))
-        d = b / 2 + random.uniform(0, b / 2)
-        if retry_after is not None:
-            d = max(d, min(retry_after, self.backoff_max))
-        return d
-
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn, True
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=self.timeout)
-        self._local.conn = conn
-        with self._pool_lock:
-            self._conns.add(conn)
-        return conn, False
-
-    def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            conn.close()
-            with self._pool_lock:
-                self._conns.discard(conn)
-
-    def _exchange(self, body: bytes) -> tuple[int, http.client.HTTPMessage, bytes]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._key is not None:
-            headers["Authorization"] = "Bearer " + self._key.get()
-        for fresh_try in range(2):
-            conn, reused = self._connection()
-            try:
-                conn.request("POST", self._path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self._drop_connection()
-                if reused and fresh_try == 0:
-                    continue  # the server closed an idle keep-alive connection: resend on a new one
-                raise
-            except BaseException:
-                self._drop_connection()
-                raise
-            if resp.will_close:
-                self._drop_connection()
-            return resp.status, resp.headers, data
-        raise AssertionError("unreachable")
-
-    def _attempt(self, body: bytes) -> Completion:
-        where = f"{self.base_url}"
-        try:
-            status, headers, data = self._exchange(body)
-        except (TimeoutError, socket.timeout):
-            raise _RetryableError(f"request to {where} timed out after {self.timeout:g}s") from None
-        except (OSError, http.client.HTTPException) as e:
-            raise _RetryableError(f"connection error talking to {where}: {type(e).__name__}: {e}") from None
-        if status >= 500 or status in _RETRY_STATUS:
-            retry_after = None
-            try:
-                retry_after = float(headers.get("Retry-After", ""))
-            except ValueError:
-                pass
-            raise _RetryableError(f"HTTP {status} from {where}: {_server_message(data)}", retry_after)
-        if not 200 <= status < 300:
-            raise _FatalError(f"HTTP {status} from {where}: {_server_message(data)}")
-        try:
-            obj = json.loads(data)
-            choice = obj["choices"][0]
-            text = choice["message"].get("content") or ""
-            if not isinstance(text, str):
-                raise TypeError(f"message.content is {type(text).__name__}")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise _FatalError(f"malformed chat completion from {where} ({type(e).__name__}: {e}): "
-                              f"{data[:200].decode('utf-8', 'replace')}") from None
-        usage = obj.get("usage") or {}
-        return Completion(text=text, tokens_in=int(usage.get("prompt_tokens") or 0),
-                          tokens_out=int(usage.get("completion_tokens") or 0),
-                          model_id=str(obj.get("model") or self.model))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -290,7 +290,7 @@ class Engine:
         self.rules = rules
         self._seen_shapes: set = set()
         self._counter = 0
-        self._seed = seed
+        self.seed = seed  # sampling seeds derive from it (and a request counter)
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._incoming: deque[tuple] = deque()
@@ -610,7 +610,7 @@ class Engine:
             self._resolve(fut, GenOutput("", [], n, 0, "error", error=problem))
             return
         sp = params.resolved(self.sampling_defaults)
-        seed = sp.seed if sp.seed is not None else self._seed * 1_000_003 + self._counter
+        seed = sp.seed if sp.seed is not None else self.seed * 1_000_003 + self._counter
         self._counter += 1
         key = np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
         prompt = [int(t) for t in prompt]

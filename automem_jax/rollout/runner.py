@@ -331,6 +331,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default="preset:tiny", help="preset:<name> or a Hugging Face folder")
     ap.add_argument("--base_url", default=None, help="use an OpenAI-compatible server instead of a local engine")
     ap.add_argument("--model", default=None, help="model name for --base_url")
+    ap.add_argument("--api_key_env", default="OPENAI_API_KEY",
+                    help="NAME of the environment variable holding the key for --base_url ('' for a server "
+                         "without auth)")
     ap.add_argument("--num_envs", type=int, default=8)
     ap.add_argument("--max_steps", type=int, default=1000)
     ap.add_argument("--max_tokens", type=int, default=1024, help="cap on tokens per model turn")
@@ -352,8 +355,8 @@ def main(argv=None) -> int:
                      else MemoryStructure.default("crafter" if env_family == "craftax" else env_family))
         from automem_jax.llm.client import EngineClient, OpenAIClient, load_engine
         if args.base_url:
-            client = OpenAIClient(args.base_url, args.model or "default", max_tokens=args.max_tokens,
-                                  temperature=args.temperature)
+            client = OpenAIClient(args.base_url, args.model or "default", api_key_env=args.api_key_env or None,
+                                  max_tokens=args.max_tokens, temperature=args.temperature)
         else:
             engine = load_engine(args.checkpoint, max_batch=args.max_batch, max_len=args.max_len, seed=args.seed)
             client = EngineClient(engine, max_tokens=args.max_tokens, temperature=args.temperature)
