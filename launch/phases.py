@@ -311,9 +311,14 @@ class Run:
         self.release_inference()
         if not self.hosted:
             return UNITS[unit](self, **kwargs)
+        import jax
+
         from launch.child import run_child
         self._rounds += 1
-        return run_child(self.cfg, self.workdir, unit, kwargs, round_=self._rounds)
+        out = run_child(self.cfg, self.workdir, unit, kwargs, round_=self._rounds)
+        if jax.process_count() > 1:  # what process 0's child wrote is complete before any host reads it
+            _kv_client().wait_at_barrier(f"automem/unit/{self._rounds}", 3_600_000)
+        return out
 
     def sampling(self) -> dict:
         inf = self.cfg.inference
@@ -349,17 +354,20 @@ class Run:
         `hosted` (replicas serve the requests): on a multi-host run process 0 plays alone and hands
         the summary to the others, whose replicas serve meanwhile."""
         import jax
-        if hosted and jax.process_count() > 1:
-            self._rounds += 1
-            key = f"automem/play/{self._rounds}"
-            if jax.process_index() != 0:
-                summary = _kv_wait(key)
-                self.tokens_in += summary.get("input_tokens", 0)
-                self.tokens_out += summary.get("output_tokens", 0)
-                return summary
-            summary = self.play(client, structure, run_dir, seeds, max_steps=max_steps, two_model=two_model)
-            _kv_client().key_value_set(key, json.dumps(summary))
+        if not (hosted and jax.process_count() > 1):
+            return self._play(client, structure, run_dir, seeds, max_steps, two_model, hosted)
+        self._rounds += 1
+        key = f"automem/play/{self._rounds}"
+        if jax.process_index() != 0:
+            summary = _kv_wait(key)
+            self.tokens_in += summary.get("input_tokens", 0)
+            self.tokens_out += summary.get("output_tokens", 0)
             return summary
+        summary = self._play(client, structure, run_dir, seeds, max_steps, two_model, hosted)
+        _kv_client().key_value_set(key, json.dumps(summary))
+        return summary
+
+    def _play(self, client, structure, run_dir, seeds, max_steps, two_model, hosted) -> dict:
         from automem_jax.rollout.runner import Runner
         from automem_jax.rollout.traces import summarize
         inf = self.cfg.inference
@@ -373,6 +381,11 @@ class Run:
             episodes += runner.episodes
         summary = summarize(episodes)
         summary["runs"] = runs
+        if hosted:
+            summary["replicas"] = {src or "preset": rs.stats for src, rs in self._replicas.items()}
+            for src, rs in self._replicas.items():
+                log.info("replicas of %s: requests answered per replica %s (%d local, %d restarts)",
+                         src or self.cfg.model.preset, rs.stats["served"], rs.stats["local"], rs.stats["restarts"])
         self.tokens_in += summary.get("input_tokens", 0)
         self.tokens_out += summary.get("output_tokens", 0)
         if is_writer():

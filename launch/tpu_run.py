@@ -248,6 +248,8 @@ def main(argv) -> None:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if cfg.mesh.multi_host:
+        import jax
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only; TPUs ignore it
         from automem_jax.parallel.mesh import MeshConfig, maybe_initialize_distributed
         maybe_initialize_distributed(MeshConfig.from_any(cfg.mesh.to_dict()))
     if cfg.inference.backend != "server":

@@ -188,3 +188,65 @@ def test_main_job_through_two_replicas_one_killed_mid_evaluation(tmp_path):
     for pidfile in glob.glob(os.path.join(logs, "*.pid")):
         with pytest.raises(ProcessLookupError):
             os.kill(int(open(pidfile).read()), 0)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_hosts_each_start_a_replica_and_process_0_plays_over_both(tmp_path):
+    """Two processes of the main job (jax.distributed on 127.0.0.1, gloo): each starts its own
+    replica, process 0 plays the evaluations over both, Loop-2 training runs in a child process
+    per host that forms its own 2-process group, and the adapter is loaded on both replicas."""
+    wd, logs = str(tmp_path / "run"), str(tmp_path / "replica_logs")
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}")
+    args = ["--config.bootstrap.enabled=False", "--config.eval.seeds=42-43", "--config.env.max_steps=2",
+            "--config.env.num_envs=2", "--config.inference.max_tokens=16", "--config.inference.max_batch=4",
+            "--config.inference.max_len=2048", "--config.collect.episodes=2", "--config.collect.max_steps=3",
+            "--config.loop2.min_examples=1", "--config.loop2.train.max_steps=2",
+            "--config.loop2.train.batch_size=2", "--phases=baseline,collect,loop2",
+            "--config.inference.backend=server", "--config.inference.server.base_port=0",
+            f"--config.inference.server.log_dir={logs}", "--config.mesh.multi_host=True",
+            "--config.mesh.num_processes=2"]
+    procs, outs = [], []
+    for i in range(2):
+        outs.append(open(tmp_path / f"host{i}.log", "w"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "launch.tpu_run", "--config=configs/tiny.py",
+                                       f"--workdir={wd}", *args, f"--config.mesh.process_id={i}"], cwd=REPO,
+                                      env=env, stdout=outs[i], stderr=subprocess.STDOUT))
+    try:
+        for p in procs:
+            p.wait(timeout=1200)
+    finally:
+        for p, o in zip(procs, outs):
+            p.kill()
+            o.close()
+    text = [open(tmp_path / f"host{i}.log").read() for i in range(2)]
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"host {i}:\n" + text[i][-4000:]
+    # Each host started its own replica; process 0 sent requests to both.
+    assert os.path.exists(os.path.join(logs, "host0_replica0.log")) and os.path.exists(
+        os.path.join(logs, "host1_replica0.log"))
+    import re
+    served = [json.loads(m) for m in re.findall(r"requests answered per replica (\[[^\]]*\])", text[0])]
+    assert served and all(len(s) == 2 and min(s) > 0 for s in served), served
+    assert "requests answered per replica" not in text[1]  # host 1 served, it did not play
+    # Training ran in a child process on each host, the two children as one 2-process group.
+    for t in text:
+        assert re.search(r"loop2_train: process \d of 2", t), t[-3000:]
+    rows = [json.loads(x) for x in open(os.path.join(wd, "ledger.jsonl"))]
+    assert len(rows) == 1
+    eval_dir = os.path.join(wd, "loop2", "0", "eval")
+    files = sorted(glob.glob(os.path.join(eval_dir, "traces", "*", "*", "ep_*.json")))
+    assert [os.path.basename(f) for f in files] == ["ep_0.json", "ep_1.json"]
+    ids = set()
+    for f in glob.glob(os.path.join(eval_dir, "traces", "*", "*", "ep_*.jsonl")):
+        for line in open(f):
+            row = json.loads(line)
+            for phase in ("log", "plan"):
+                ids |= {t["model_id"] for t in (row.get(phase) or {}).get("turns", [])}
+    assert any(i.startswith("specialist-") for i in ids) and "policy" in ids, ids

@@ -60,7 +60,8 @@ class CraftaxClassicBatch(BatchedTextEnv):
         self._action_ids = {a: i for i, a in enumerate(dc.ACTIONS)}
         self.default_action = dc.DEFAULT_ACTION
         self.instruction = dc.instruction("Craftax-Classic")
-        self._device = jax.devices(device)[0] if isinstance(device, str) else device
+        # This process's own device: on a multi-host run jax.devices()[0] belongs to process 0.
+        self._device = jax.local_devices(backend=device)[0] if isinstance(device, str) else device
         params, static = EnvParams(), StaticEnvParams()
         self._max_timesteps = int(params.max_timesteps)
 

@@ -11,7 +11,8 @@ Routes:
   ``POST /v1/load_lora_adapter``  ``{"lora_name", "lora_path"}``; vLLM's runtime adapter protocol
   ``POST /v1/unload_lora_adapter`` ``{"lora_name"}``
 
-Requests are validated on the event loop and handed to ``engine.submit``. The engine runs in
+Request bodies are pydantic models (``ChatCompletionRequest``, the LoRA ones; vLLM's field names,
+unknown fields ignored), validated on the event loop and handed to ``engine.submit``. The engine runs in
 background mode (``start_background()`` when serving starts, ``stop_background()`` at close): its
 scheduler admits each request between decode steps, so concurrent requests join the batch already
 running. A request the engine refuses (too long, bad sampling values) gets its own 400 and never
