@@ -41,8 +41,10 @@ def _sync(tag: str) -> None:
     """Multi-host barrier: what process 0 wrote is visible to every host before any reads it."""
     import jax
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(tag)
+        # The coordinator's barrier, not a device collective: no computation, and a phase may
+        # keep hosts apart for hours (process 0 plays while the others' replicas serve).
+        from jax._src import distributed
+        distributed.global_state.client.wait_at_barrier(tag.replace(" ", "_"), 24 * 3600 * 1000)
 
 
 def run(cfg, workdir: str, phases: list[str]) -> None:

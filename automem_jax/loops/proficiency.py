@@ -701,6 +701,9 @@ def read_ledger(workdir: str) -> list[dict]:
 
 def _append_ledger(workdir: str, row: dict) -> None:
     # gs:// cannot append: rewrite the (small) file; local writes are atomic, so no torn ledger.
+    # Process 0 alone writes it (every host runs the loop); later phases read it after a barrier.
+    if not storage.primary_host():
+        return
     rows = read_ledger(workdir) + [row]
     storage.write_text(storage.join(workdir, "ledger.jsonl"), "".join(dumps(r) + "\n" for r in rows))
 
