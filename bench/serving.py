@@ -16,8 +16,8 @@ Parts (goals from the engine issue):
   bandwidth  decode steps/s against the memory-bandwidth bound: weight bytes per step over the
              copy bandwidth measured in this run, as a percentage
   replicas   agent-steps/s of a Craftax rollout through two managed replicas of our server over one
-             replica, same episodes (inference.backend=server; each replica a separate process
-             limited to --replica_threads CPU threads, so two replicas use twice the cores)
+             replica, same episodes (inference.backend=server; replica i pinned to core i with
+             taskset, so two replicas have twice the cores; this process shares them)
 """
 
 from __future__ import annotations
@@ -255,17 +255,18 @@ def part_bandwidth(tok, args) -> None:
 
 
 def part_replicas(tok, args) -> None:
-    from automem_jax.llm.replicas import ReplicaConfig, ReplicaSet
+    from automem_jax.llm.replicas import OWN_SERVER, ReplicaConfig, ReplicaSet
     from automem_jax.memory.structure import MemoryStructure
     structure = MemoryStructure.default("crafter")
     threads = args.replica_threads
-    env = {"XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
-                        f"intra_op_parallelism_threads={threads}",
+    env = {"XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}",
            "OMP_NUM_THREADS": str(threads), "JAX_PLATFORMS": "cpu"}
     rates = {}
     for n in (1, 2):
-        cfg = ReplicaConfig(replicas=n, base_port=0, health_timeout_s=600, max_concurrency=16, env=env,
-                            log_dir=tempfile.mkdtemp(prefix="bench-replicas-"))
+        # Replica i on core i (when the machine has that many), so two replicas have twice the CPU.
+        pin = "taskset -c {index} " if shutil.which("taskset") and (os.cpu_count() or 1) >= 2 else ""
+        cfg = ReplicaConfig(command=pin + OWN_SERVER, replicas=n, base_port=0, health_timeout_s=600,
+                            max_concurrency=16, env=env, log_dir=tempfile.mkdtemp(prefix="bench-replicas-"))
         with ReplicaSet(cfg, f"preset:{args.replica_preset}", max_len=4096, max_batch=16, seed=0) as rs:
             client = rs.client("policy", temperature=1.0, max_tokens=args.replica_max_tokens)
             _rollout(client, structure, 2 * n, 1, "async", seed0=700)  # compile every replica's shapes
@@ -273,11 +274,14 @@ def part_replicas(tok, args) -> None:
                                     num_envs=args.replica_episodes)
             client.close()
             rates[n] = runner.stats.agent_steps / wall
-            print(f"replicas: {n} replica(s) of preset:{args.replica_preset} ({threads} CPU thread(s) each): "
+            print(f"replicas: {n} replica(s) of preset:{args.replica_preset} ({'one core' if pin else 'unpinned'} "
+                  f"each): "
                   f"{args.replica_episodes} episodes x {args.replica_steps} steps, {runner.stats.agent_steps} agent "
-                  f"steps in {wall:6.1f} s = {rates[n]:.3f} agent-steps/s; requests per replica {rs.stats['served']}")
-    print(f"replicas: ratio two replicas / one = {rates[2] / rates[1]:.2f}x  (ideal 2x: each replica has its "
-          f"own {threads} thread(s); on a pod each replica is a host with its own chips)")
+                  f"steps in {wall:6.1f} s = {rates[n]:.3f} agent-steps/s; requests per replica {rs.stats['served']}; "
+                  f"this process's env steps {runner.stats.env_s:.1f} s")
+    print(f"replicas: ratio two replicas / one = {rates[2] / rates[1]:.2f}x  (ideal 2x: each replica has a "
+          f"core of its own, but the env steps, the runner and the HTTP clients of this process share "
+          f"the machine's {os.cpu_count()} cores with them; on a pod each replica is a host with its own chips)")
 
 
 def main() -> None:

@@ -134,7 +134,8 @@ def get_config() -> ConfigDict:
     c.inference.backend = "local"
     c.inference.server = ConfigDict()
     # Placeholders: {python} {checkpoint} {tokenizer} {port} {host} {model} {max_len} {max_batch}
-    # {seed} {tensor} {lora_rank}. Default: our server (CPU-friendly); for vLLM see automem_jax.llm.replicas.VLLM.
+    # {seed} {tensor} {lora_rank} {index} (the replica's number on its host). The command is run
+    # without a shell. Default: our server (CPU-friendly); for vLLM see automem_jax.llm.replicas.VLLM.
     c.inference.server.command = OWN_SERVER
     c.inference.server.replicas = 1  # servers per host (one per host with tensor parallel inside it)
     c.inference.server.host = "127.0.0.1"  # interface they bind; 0.0.0.0 when other hosts must reach them

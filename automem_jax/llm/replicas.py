@@ -6,9 +6,10 @@ its policy with ``vllm serve`` between training phases. This module owns their l
 
 * ``ReplicaSet`` starts ``replicas`` servers on this host from ``ReplicaConfig.command`` (a
   template over ``{python} {checkpoint} {tokenizer} {port} {host} {model} {max_len} {max_batch}
-  {seed} {tensor} {lora_rank}``), waits until each answers ``GET /health``, and keeps them up: a monitor
-  thread restarts a replica whose process exits (at most ``max_restarts`` times each) and loads
-  its LoRA adapters again. ``stop()`` ends them (SIGTERM to the process group, then SIGKILL); a
+  {seed} {tensor} {lora_rank} {index}``; ``{index}`` is the replica's number on this host, e.g. for
+  ``env TPU_VISIBLE_CHIPS={index} ...`` or ``taskset -c {index} ...``; no shell runs it), waits
+  until each answers ``GET /health``, and keeps them up: a monitor thread restarts a replica whose
+  process exits (at most ``max_restarts`` times each) and loads its LoRA adapters again. ``stop()`` ends them (SIGTERM to the process group, then SIGKILL); a
   replica also gets SIGTERM if this process dies (PR_SET_PDEATHSIG), so none is left orphaned.
 * LoRA adapters go in at run time through vLLM's protocol (``POST /v1/load_lora_adapter`` with
   ``lora_name`` / ``lora_path``; vLLM needs ``--enable-lora`` and
@@ -45,7 +46,7 @@ from automem_jax.agent.types import ChatRequest, Completion
 log = logging.getLogger(__name__)
 
 PLACEHOLDERS = ("python", "checkpoint", "tokenizer", "port", "host", "model", "max_len", "max_batch", "seed",
-                "tensor", "lora_rank")
+                "tensor", "lora_rank", "index")
 REQUIRED = ("checkpoint", "port")
 
 # Our own server: the CPU stand-in and the replica the tests manage.
@@ -73,7 +74,8 @@ def check_command(template: str) -> None:
         raise ValueError(f"the command template {template!r} is malformed: {e}") from None
     unknown = sorted(names - set(PLACEHOLDERS))
     if unknown:
-        raise ValueError(f"the command template has unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
+        names = ", ".join("{" + u + "}" for u in unknown)
+        raise ValueError(f"the command template has unknown placeholder(s) {names}; "
                          f"known: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
     missing = [r for r in REQUIRED if r not in names]
     if missing:
@@ -231,7 +233,8 @@ class ReplicaSet:
             else checkpoint
         self.checkpoint = checkpoint
         self.fields = dict(python=sys.executable, checkpoint=ckpt, tokenizer=tokenizer or ckpt, host=cfg.host,
-                           model=model, max_len=max_len, max_batch=max_batch, seed=seed, tensor=tensor, lora_rank=lora_rank)
+                           model=model, max_len=max_len, max_batch=max_batch, seed=seed, tensor=tensor,
+                           lora_rank=lora_rank)
         # vLLM refuses /v1/load_lora_adapter without it; other servers ignore it.
         self.env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **dict(cfg.env)}
         self.adapters: dict[str, str] = {}  # name -> local folder, loaded again after a restart
@@ -266,7 +269,7 @@ class ReplicaSet:
             self._cond.notify_all()
 
     def _argv(self, r: _Replica) -> list[str]:
-        return shlex.split(self.cfg.command.format(**{**self.fields, "port": r.port}))
+        return shlex.split(self.cfg.command.format(**{**self.fields, "port": r.port, "index": r.index}))
 
     # -- life --
     def start(self) -> "ReplicaSet":
