@@ -43,8 +43,8 @@ def _sync(tag: str) -> None:
     if jax.process_count() > 1:
         # The coordinator's barrier, not a device collective: no computation, and a phase may
         # keep hosts apart for hours (process 0 plays while the others' replicas serve).
-        from jax._src import distributed
-        distributed.global_state.client.wait_at_barrier(tag.replace(" ", "_"), 24 * 3600 * 1000)
+        from launch.phases import _kv_client
+        _kv_client().wait_at_barrier(tag.replace(" ", "_"), 24 * 3600 * 1000)
 
 
 def run(cfg, workdir: str, phases: list[str]) -> None:

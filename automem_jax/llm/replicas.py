@@ -231,7 +231,6 @@ class ReplicaSet:
         cache = os.path.join(self.log_dir, "cache")
         ckpt = local_copy(checkpoint, cache) if checkpoint and not checkpoint.startswith(("preset:", "pkg:")) \
             else checkpoint
-        self.checkpoint = checkpoint
         self.fields = dict(python=sys.executable, checkpoint=ckpt, tokenizer=tokenizer or ckpt, host=cfg.host,
                            model=model, max_len=max_len, max_batch=max_batch, seed=seed, tensor=tensor,
                            lora_rank=lora_rank)
@@ -486,7 +485,6 @@ class ReplicaClient:
                                                top_p=top_p, max_tokens=max_tokens, extra_body=extra_body)
                          for r in rset.endpoints}
         self._pool = ThreadPoolExecutor(len(self._clients) * cfg.max_concurrency, thread_name_prefix="replica")
-        self.retried = 0
 
     @property
     def model_id(self) -> str:
@@ -514,7 +512,6 @@ class ReplicaClient:
                 return c  # answered, or refused by a healthy replica on the request's merits
             last = c.error
             tried.append(r.index)
-            self.retried += 1
             log.warning("replica %d (%s) failed a request (%s); sending it to another", r.index, r.url, c.error)
         return Completion(text="", error=f"replicas: gave up after {self.max_failovers + 1} attempts: {last}",
                           model_id=self.model)
