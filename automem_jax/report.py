@@ -17,6 +17,9 @@ Inputs (paths relative to the workdir):
   ledger.jsonl                              Loop-2 iterations
   loop2/<i>/eval/summary.json | eval_summary.json
   bootstrap/train/train_log.jsonl, loop2/<i>/train/train_log.jsonl
+
+Run health (model errors, fallback actions, context overflows; see automem_jax.rollout.traces) is
+shown for every evaluation found, and a rate above traces.HEALTH_THRESHOLD is flagged with ⚠.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from automem_jax import storage
+from automem_jax.rollout.traces import HEALTH_THRESHOLD, health_warnings
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,14 @@ HYGIENE_LABELS = {
     "ops_per_step": "memory ops / step",
     "context_tokens_per_step": "context tokens / step",
     "invalid_action_rate": "invalid-action rate",
+    "model_error_rate": "model-error rate (per model turn)",
+    "fallback_rate": "fallback-action rate (per step)",
+    "context_overflow_rate": "context-overflow rate (per model turn)",
 }
+HEALTH_KEYS = ("model_error_rate", "fallback_rate", "context_overflow_rate")
+FLAG = "⚠"
 # Rates are fractions in the summaries; the report shows them as percentages.
-RATE_KEYS = {"redundant_write_rate", "empty_search_rate", "invalid_action_rate"}
+RATE_KEYS = {"redundant_write_rate", "empty_search_rate", "invalid_action_rate", *HEALTH_KEYS}
 STATUS_COLOURS = {"accepted": "tab:green", "rejected": "tab:red", "invalid": "tab:gray", "error": "tab:gray"}
 
 
@@ -152,7 +161,8 @@ def _num(x) -> float | None:
 
 
 def summary_metrics(summary: Mapping) -> dict[str, float | None]:
-    """Headline numbers of a Runner summary.json: progression (%) ± SE (%), hygiene, invalid actions.
+    """Headline numbers of a Runner summary.json: progression (%) ± SE (%), hygiene, invalid actions,
+    health rates (None where the summary recorded no health counts).
 
     Rates are pooled over env steps across tasks (a task with more steps weighs more), the way the
     summary itself pools them across episodes. A summary that already carries a flat ``hygiene``
@@ -184,12 +194,23 @@ def summary_metrics(summary: Mapping) -> dict[str, float | None]:
             out[k] = sums[k] / weights[k]
         else:
             out[k] = _num(flat.get(k)) if flat else None
+    health = _health_of(summary) or {}
+    for k in HEALTH_KEYS:
+        out[k] = _num(health.get(k))
     return out
+
+
+def _health_of(summary: Mapping) -> Mapping | None:
+    """The summary's overall ``health`` entry; None for a summary written before it existed."""
+    h = summary.get("health")
+    return h if isinstance(h, Mapping) and _num(h.get("steps")) else None
 
 
 def _fmt(key: str, v: float | None) -> str:
     if v is None:
         return "–"
+    if key in HEALTH_KEYS and v > HEALTH_THRESHOLD:
+        return f"{100 * v:.1f}% {FLAG}"
     if key in RATE_KEYS:
         return f"{100 * v:.1f}%"
     if key == "context_tokens_per_step":
@@ -589,7 +610,7 @@ def _final(baseline: dict | None, final: dict | None, base_raw: dict | None, fin
     if baseline is None or final is None:
         why = "; ".join(w for w in (base_why if baseline is None else "", final_why if final is None else "") if w)
         return out + [_missing("Final comparison", why)]
-    keys = ["progression"] + list(HYGIENE_KEYS) + ["invalid_action_rate"]
+    keys = ["progression"] + list(HYGIENE_KEYS) + ["invalid_action_rate"] + list(HEALTH_KEYS)
     rows = [("progression % ± SE", _fmt_pm(baseline["progression"], baseline["progression_se"]),
              _fmt_pm(final["progression"], final["progression_se"]),
              _fmt_change("progression", baseline["progression"], final["progression"]))]
@@ -611,6 +632,50 @@ def _final(baseline: dict | None, final: dict | None, base_raw: dict | None, fin
         out += _table(["task", "baseline", "final"],
                       [(n, _fmt_pm(*tasks[0].get(n, (None, None))), _fmt_pm(*tasks[1].get(n, (None, None))))
                        for n in names])
+    return out
+
+
+def _run_health(reader: _Reader, base_raw: dict | None, final_raw: dict | None, ledger: list[dict]) -> list[str]:
+    """Health rates of every evaluation found (baseline, each Loop-1 candidate, each Loop-2
+    iteration, final), with the warnings of those above the threshold."""
+    out = ["## Run health", "",
+           "Steps lost to failures rather than to the policy: model errors and context overflows per model "
+           "turn, fallback actions (the structure's fallback played because the model committed no action) "
+           f"per env step. {FLAG} marks a rate above {100 * HEALTH_THRESHOLD:.0f}%.", ""]
+    evals: list[tuple[str, dict]] = []
+    if base_raw is not None:
+        evals.append(("baseline", base_raw))
+    archive, _ = reader.jsonl("structures", "archive.jsonl")
+    for r in archive or []:
+        if r.get("kind") == "baseline" or not r.get("id"):
+            continue
+        s, _ = reader.candidate_summary(r)
+        if isinstance(s, dict):
+            evals.append((f"L1 {r['id']}", s))
+    for it in _loop2_iterations(reader, ledger):
+        s, _ = reader.eval_summary("loop2", it, "eval")
+        if s is not None:
+            evals.append((f"L2 it{it}", s))
+    if final_raw is not None:
+        evals.append(("final", final_raw))
+    if not evals:
+        return out + [_missing("Health table", "no evaluation summary found")]
+    rows, unrecorded, warnings = [], [], []
+    for name, s in evals:
+        h = _health_of(s)
+        if h is None:
+            unrecorded.append(name)
+            rows.append([name, s.get("episodes", "–"), "–", "–"] + ["–"] * len(HEALTH_KEYS))
+            continue
+        rows.append([name, s.get("episodes", "–"), h.get("steps", "–"), h.get("model_turns", "–")]
+                    + [_fmt(k, _num(h.get(k))) for k in HEALTH_KEYS])
+        warnings += health_warnings(s, label=name)
+    out += _table(["evaluation", "episodes", "steps", "model turns"] + [HYGIENE_LABELS[k] for k in HEALTH_KEYS],
+                  rows)
+    if unrecorded:
+        out += ["", f"_No health counts in: {', '.join(unrecorded)} (summaries written before they were recorded)._"]
+    if warnings:
+        out += ["", f"{FLAG} Rates above {100 * HEALTH_THRESHOLD:.0f}%:", ""] + [f"- {_cell(w, 600)}" for w in warnings]
     return out
 
 
@@ -673,6 +738,7 @@ def build_report(workdir: str, plots: bool | None = None) -> str:
 
     section(loop2, "Loop 2: memory-proficiency training")
     section(lambda: _hygiene(reader, pl, baseline, final, ledger), "Memory hygiene")
+    section(lambda: _run_health(reader, base_raw, final_raw, ledger), "Run health")
     section(lambda: _losses(reader, pl, ledger), "Training loss")
     phase_results: list[tuple[str, dict]] = []
 

@@ -72,8 +72,31 @@ def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
 
 
+_SHARED: list[str] = []  # folders only the primary host writes (the run's workdir)
+
+
+def share(root: str) -> None:
+    """Declares `root` shared by every host: from then on a write under it from any host but
+    process 0 raises, so a missed writer check fails loudly instead of racing process 0."""
+    root = str(root).rstrip("/") if is_gcs(root) else os.path.abspath(root)
+    if root not in _SHARED:
+        _SHARED.append(root)
+
+
+def _check_writer(path: str) -> None:
+    if not _SHARED or primary_host():
+        return
+    p = str(path) if is_gcs(path) else os.path.abspath(path)
+    for root in _SHARED:
+        if p == root or p.startswith(root + "/"):
+            import sys
+            raise RuntimeError(f"process {sys.modules['jax'].process_index()} tried to write {path}: only process 0 "
+                               "writes the workdir (a missing writer check)")
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Atomic for local files (write to a temp file, then rename), so a crash never leaves half a file."""
+    _check_writer(path)
     if is_gcs(path):
         _blob(path).upload_from_string(data)
         return
@@ -111,11 +134,13 @@ def listdir(path: str) -> list[str]:
 
 
 def makedirs(path: str) -> None:
+    _check_writer(path)
     if not is_gcs(path):  # gs:// has no folders
         os.makedirs(path, exist_ok=True)
 
 
 def upload_file(local: str, remote: str) -> None:
+    _check_writer(remote)
     if is_gcs(remote):
         _blob(remote).upload_from_filename(local)
     else:
@@ -165,6 +190,7 @@ def local_file(path: str) -> Iterator[str]:
 @contextlib.contextmanager
 def local_dir_for_writing(path: str) -> Iterator[str]:
     """A local folder to write into; for gs:// it is uploaded when the block finishes without error."""
+    _check_writer(path)
     if not is_gcs(path):
         os.makedirs(path, exist_ok=True)
         yield path

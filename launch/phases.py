@@ -98,11 +98,15 @@ def is_writer() -> bool:
 
 
 def _read_json(path: str):
-    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+    """The JSON file as process 0 reads it (None when missing): every host decides alike."""
+    from automem_jax.parallel import hosts
+    return hosts.primary(lambda: json.loads(storage.read_text(path)) if storage.exists(path) else None,
+                         f"read {path}")
 
 
 def _unit_done(path: str) -> bool:
-    return storage.exists(storage.join(path, "DONE"))
+    from automem_jax.parallel import hosts
+    return hosts.primary(lambda: storage.exists(storage.join(path, "DONE")), f"done {path}")
 
 
 def _mark_unit(path: str, info: dict | None = None) -> None:
@@ -136,7 +140,9 @@ class Run:
         """The run's tokenizer: the bootstrap's trained one once it exists, else the configured one."""
         if self._tok is None:
             from automem_jax.models.tokenizer import load_tokenizer
-            if self.trained_tokenizer() and _unit_done(self.path("bootstrap", "tokenizer")):
+            # A plain read, not _unit_done: hosts load it at different moments, after the bootstrap
+            # phase's barrier (or its hand-off) made the folder complete.
+            if self.trained_tokenizer() and storage.exists(self.path("bootstrap", "tokenizer", "DONE")):
                 self._tok = load_tokenizer(self.path("bootstrap", "tokenizer"))
             else:
                 self._tok = self.base_tok
@@ -146,8 +152,8 @@ class Run:
     def base_tok(self):
         """The configured tokenizer: empty = the checkpoint's own, or the offline Qwen3 one."""
         if self._base_tok is None:
-            from automem_jax.models.tokenizer import load_tokenizer
-            self._base_tok = load_tokenizer(self.cfg.tokenizer or self.cfg.model.checkpoint or None)
+            from automem_jax.models.tokenizer import load_tokenizer, tokenizer_source
+            self._base_tok = load_tokenizer(tokenizer_source(self.cfg.tokenizer, self.cfg.model.checkpoint))
         return self._base_tok
 
     def trained_tokenizer(self) -> bool:
@@ -171,7 +177,7 @@ class Run:
         """The HF folder of the gameplay/base policy ("" = the random preset)."""
         if self.cfg.bootstrap.enabled:
             src = self.path("bootstrap", "model")
-            if not _unit_done(src):
+            if not storage.exists(storage.join(src, "DONE")):  # written before the bootstrap's barrier
                 raise RuntimeError(f"bootstrap is enabled but {src} is not finished; run the bootstrap phase "
                                    "first (it is part of the default phase list)")
             return src
@@ -270,7 +276,9 @@ class Run:
             rcfg = dataclasses.replace(rcfg, base_port=rcfg.base_port + rcfg.replicas * len(self._replicas))
         tensor = inf.mesh.tensor if inf.mesh.tensor > 0 else jax.local_device_count()
         ckpt = source or f"preset:{self.cfg.model.preset}"
-        rs = ReplicaSet(rcfg, ckpt, model=SERVED_BASE, tokenizer=self.cfg.tokenizer or source, max_len=inf.max_len,
+        from automem_jax.models.tokenizer import tokenizer_source
+        rs = ReplicaSet(rcfg, ckpt, model=SERVED_BASE, tokenizer=tokenizer_source(self.cfg.tokenizer, source) or "",
+                        max_len=inf.max_len,
                         max_batch=inf.max_batch, seed=self.cfg.seed, tensor=tensor,
                         lora_rank=self.cfg.loop2.train.lora_rank, host_index=jax.process_index())
         self._replicas[source] = rs.start()
@@ -283,7 +291,8 @@ class Run:
         self._rounds += 1
         if jax.process_count() == 1:
             return []
-        kv = _kv_client()
+        from automem_jax.parallel import hosts
+        kv = hosts.kv_client()
         prefix = f"automem/replicas/{self._rounds}"
         kv.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps(urls))
         if jax.process_index() != 0:
@@ -317,7 +326,8 @@ class Run:
         self._rounds += 1
         out = run_child(self.cfg, self.workdir, unit, kwargs, round_=self._rounds)
         if jax.process_count() > 1:  # what process 0's child wrote is complete before any host reads it
-            _kv_client().wait_at_barrier(f"automem/unit/{self._rounds}", 3_600_000)
+            from automem_jax.parallel import hosts
+            hosts.barrier(f"automem/unit/{self._rounds}", 3600)
         return out
 
     def sampling(self) -> dict:
@@ -349,27 +359,25 @@ class Run:
 
     # -- evaluation ----------------------------------------------------------------------------------
     def play(self, client, structure, run_dir: str, seeds: list[int], *, max_steps: int | None = None,
-             two_model: bool = False, hosted: bool = False) -> dict:
+             two_model: bool = False, solo: bool = False) -> dict:
         """Every configured env on the given seeds into run_dir; returns the combined summary.
-        `hosted` (replicas serve the requests): on a multi-host run process 0 plays alone and hands
-        the summary to the others, whose replicas serve meanwhile."""
+        Multi-host: with the local engine every host plays the same episodes (its calls are SPMD)
+        and process 0 writes; `solo` (a client that is not the SPMD engine: managed replicas, the
+        scripted teacher) has process 0 play alone and hand the summary to the others."""
         import jax
-        if not (hosted and jax.process_count() > 1):
-            return self._play(client, structure, run_dir, seeds, max_steps, two_model, hosted)
-        self._rounds += 1
-        key = f"automem/play/{self._rounds}"
-        if jax.process_index() != 0:
-            summary = _kv_wait(key)
+        if not (solo and jax.process_count() > 1):
+            return self._play(client, structure, run_dir, seeds, max_steps, two_model)
+        from automem_jax.parallel import hosts
+        summary = hosts.primary(lambda: self._play(client, structure, run_dir, seeds, max_steps, two_model),
+                                f"play {run_dir}")
+        if not hosts.is_primary():
             self.tokens_in += summary.get("input_tokens", 0)
             self.tokens_out += summary.get("output_tokens", 0)
-            return summary
-        summary = self._play(client, structure, run_dir, seeds, max_steps, two_model, hosted)
-        _kv_client().key_value_set(key, json.dumps(summary))
         return summary
 
-    def _play(self, client, structure, run_dir, seeds, max_steps, two_model, hosted) -> dict:
+    def _play(self, client, structure, run_dir, seeds, max_steps, two_model) -> dict:
         from automem_jax.rollout.runner import Runner
-        from automem_jax.rollout.traces import summarize
+        from automem_jax.rollout.traces import health_warnings, summarize
         inf = self.cfg.inference
         runs, episodes = [], []
         for name in env_names(self.cfg):
@@ -381,7 +389,9 @@ class Run:
             episodes += runner.episodes
         summary = summarize(episodes)
         summary["runs"] = runs
-        if hosted:
+        for line in health_warnings(summary, label=run_dir):  # model errors, fallbacks, overflows > 5%
+            log.warning(line)
+        if self.hosted:
             summary["replicas"] = {src or "preset": rs.stats for src, rs in self._replicas.items()}
             for src, rs in self._replicas.items():
                 log.info("replicas of %s: requests answered per replica %s (%d local, %d restarts)",
@@ -403,33 +413,13 @@ class Run:
         replicas load at run time) the two-model system: specialist for memory, base for actions."""
         base = self.base_source()
         if specialist is None:
-            return self.play(self.client(base), structure, run_dir, seeds, hosted=self.hosted)
+            return self.play(self.client(base), structure, run_dir, seeds, solo=self.hosted)
         from automem_jax.llm.client import RouterClient
         router = RouterClient(memory=self.specialist_client(specialist, adapter), gameplay=self.client(base))
-        return self.play(router, structure, run_dir, seeds, two_model=True, hosted=self.hosted)
+        return self.play(router, structure, run_dir, seeds, two_model=True, solo=self.hosted)
 
 
 SERVED_BASE = "policy"  # the base model's name on the replicas
-
-
-def _kv_client():
-    from jax._src import distributed
-    client = distributed.global_state.client
-    if client is None:
-        raise RuntimeError("multi-host hand-off needs jax.distributed.initialize() (mesh.multi_host)")
-    return client
-
-
-def _kv_wait(key: str) -> dict:
-    """Waits (without a deadline: an evaluation may take hours) for process 0 to publish `key`."""
-    kv = _kv_client()
-    while True:
-        try:
-            return json.loads(kv.blocking_key_value_get(key, 600_000))
-        except Exception as e:  # noqa: BLE001 - the coordinator's timeout error has no public type
-            if "DEADLINE_EXCEEDED" not in str(e) and "timed out" not in str(e).lower():
-                raise
-            log.info("waiting for process 0 to finish playing (%s)", key)
 
 
 def combined_summary(run_dir: str) -> dict:
@@ -457,9 +447,14 @@ def _subdirs(path: str) -> list[str]:
 
 def _progress_line(name: str, s: dict) -> str:
     hyg = _hygiene(s)
+    health = s.get("health") or {}
+    rates = ", ".join(f"{what} {health[key]:.1%}" for key, what in (
+        ("model_error_rate", "model errors"), ("fallback_rate", "fallback actions"),
+        ("context_overflow_rate", "context overflows")) if health.get(key) is not None)
     return (f"{name}: progression {s['average_progress']:.2f}% ± {s['standard_error']:.2f}% over "
             f"{s['episodes']} episodes; redundant writes {hyg.get('redundant_write_rate', 0):.1%}, "
-            f"empty searches {hyg.get('empty_search_rate', 0):.1%}, ops/step {hyg.get('ops_per_step', 0):.2f}")
+            f"empty searches {hyg.get('empty_search_rate', 0):.1%}, ops/step {hyg.get('ops_per_step', 0):.2f}"
+            + (f"; {rates}" if rates else ""))
 
 
 def _hygiene(summary: dict) -> dict:
@@ -491,21 +486,28 @@ def phase_bootstrap(run: Run) -> dict:
     teacher = TeacherClient(seed=cfg.seed, redundant_write_rate=b.redundant_write_rate,
                             useless_read_rate=b.useless_read_rate, tokenizer=run.base_tok)
     traces = run.path("bootstrap", "teacher")
-    summary = run.play(teacher, structure, traces, parse_seeds(b.seeds), max_steps=b.max_steps)
+    summary = run.play(teacher, structure, traces, parse_seeds(b.seeds), max_steps=b.max_steps, solo=True)
     log.info(_progress_line("bootstrap teacher", summary))
 
     tok_dir = run.path("bootstrap", "tokenizer")
     if run.trained_tokenizer() and not _unit_done(tok_dir):
-        from automem_jax.models.tokenizer import train_domain_tokenizer
-        texts = [m["content"] for e in teacher_examples(traces) for m in e["conversations"]]
-        tok = train_domain_tokenizer(texts, run.base_tok, int(b.tokenizer_vocab))
-        if is_writer():
+        from automem_jax.parallel import hosts
+
+        def train_tokenizer() -> dict:
+            from automem_jax.models.tokenizer import train_domain_tokenizer
+            texts = [m["content"] for e in teacher_examples(traces) for m in e["conversations"]]
+            tok = train_domain_tokenizer(texts, run.base_tok, int(b.tokenizer_vocab))
             with tempfile.TemporaryDirectory() as tmp:
                 tok.save_pretrained(tmp)
                 storage.copy_tree(tmp, tok_dir)
-        _mark_unit(tok_dir, {"vocab": len(tok), "requested": int(b.tokenizer_vocab), "texts": len(texts)})
+            info = {"vocab": len(tok), "requested": int(b.tokenizer_vocab), "texts": len(texts)}
+            _mark_unit(tok_dir, info)
+            return info
+
+        # Trained once, on process 0; every host then loads the saved folder.
+        info = hosts.primary(train_tokenizer, "bootstrap tokenizer")
         run._tok = None
-        log.info("bootstrap tokenizer: %d tokens trained on %d teacher messages", len(tok), len(texts))
+        log.info("bootstrap tokenizer: %d tokens trained on %d teacher messages", info["vocab"], info["texts"])
 
     data_dir = run.path("bootstrap", "dataset")
     if _unit_done(data_dir):
@@ -578,14 +580,21 @@ def loop1_config(cfg):
 def best_structure(run: Run):
     """The newest accepted Loop-1 structure, or the start structure when Loop 1 has not run."""
     from automem_jax.memory.structure import MemoryStructure
-    best = _read_json(run.path("structures", "best.json"))
-    if best and best.get("structure") and storage.exists(best["structure"]):
-        return MemoryStructure.from_text(storage.read_text(best["structure"]))
-    if best and best.get("version") is not None:
-        p = run.path("structures", f"v{best['version']}.yaml")
-        if storage.exists(p):
-            return MemoryStructure.from_text(storage.read_text(p))
-    return load_structure(run.cfg)
+    from automem_jax.parallel import hosts
+
+    def newest() -> str | None:
+        path = run.path("structures", "best.json")
+        best = json.loads(storage.read_text(path)) if storage.exists(path) else None
+        if best and best.get("structure") and storage.exists(best["structure"]):
+            return storage.read_text(best["structure"])
+        if best and best.get("version") is not None:
+            p = run.path("structures", f"v{best['version']}.yaml")
+            if storage.exists(p):
+                return storage.read_text(p)
+        return None
+
+    text = hosts.primary(newest, "best structure")
+    return MemoryStructure.from_text(text) if text is not None else load_structure(run.cfg)
 
 
 def phase_loop1(run: Run) -> dict:
@@ -617,7 +626,7 @@ def phase_collect(run: Run) -> dict:
     else:
         client = run.client(run.base_source())
     s = run.play(client, best_structure(run), out, seeds, max_steps=c.max_steps,
-                 hosted=run.hosted and c.policy != "teacher")
+                 solo=run.hosted or c.policy == "teacher")
     log.info(_progress_line(f"collect ({c.policy})", s))
     return {"run_dir": out, "episodes": s["episodes"], "average_progress": s["average_progress"],
             "hygiene": _hygiene(s), "seeds": seeds, "policy": c.policy}
@@ -686,17 +695,18 @@ def loop2_train(run: Run, dataset_dir: str, out_dir: str, iteration: int) -> dic
         ds, log_fn=lambda r: log.info("loop2 iter %d step %d loss %.4f %.0f tok/s", iteration, r["step"],
                                       r["loss"], r["tokens_per_s"]))
     specialist = storage.join(out_dir, "specialist")
+    out = {"checkpoint": specialist, "peft": storage.join(out_dir, "peft") if tcfg.mode == "lora" else "",
+           "first_loss": res.first_loss, "final_loss": res.final_loss, "steps": res.steps,
+           "examples": len(ds), "dir": out_dir, "manifest": ds.manifest, "resumed_from": res.resumed_from}
+    trained = res.model
+    del res, model  # from here one trained copy is held, merged in place: at most two with the gathers
     # Every host joins the gathers inside these; only host 0 writes files.
     if tcfg.mode == "lora":
-        hf.save_peft_adapter(res.model, mcfg, trainer_lora(tcfg), storage.join(out_dir, "peft"),
+        hf.save_peft_adapter(trained, mcfg, trainer_lora(tcfg), storage.join(out_dir, "peft"),
                              base_model_name_or_path=run.base_source() or cfg.model.preset)
-        merged = lora.merge_lora(res.model)
-    else:
-        merged = res.model
-    hf.save_pretrained(merged, mcfg, specialist, tokenizer=run.tok, dtype=cfg.export.dtype)
-    return {"checkpoint": specialist, "peft": storage.join(out_dir, "peft") if tcfg.mode == "lora" else "",
-            "first_loss": res.first_loss, "final_loss": res.final_loss, "steps": res.steps,
-            "examples": len(ds), "dir": out_dir, "manifest": ds.manifest, "resumed_from": res.resumed_from}
+        lora.merge_lora(trained, inplace=True)
+    hf.save_pretrained(trained, mcfg, specialist, tokenizer=run.tok, dtype=cfg.export.dtype)
+    return out
 
 
 def export_base(run: Run, out: str) -> dict:
@@ -735,8 +745,9 @@ def phase_final_eval(run: Run) -> dict:
         s = run.evaluate(best_structure(run), out, seeds)
     elif same and best.get("eval", {}).get("run_dir"):
         # The chosen iteration already ran on exactly these seeds: reuse, do not replay.
+        from automem_jax.parallel import hosts
         src = best["eval"]["run_dir"]
-        s = combined_summary(src)
+        s = hosts.primary(lambda: combined_summary(src), "final summary")
         s["reused_from"] = src
         if is_writer():
             from automem_jax.rollout.traces import dumps_pretty

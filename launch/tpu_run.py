@@ -26,7 +26,8 @@ log = logging.getLogger("automem_jax")
 
 
 def _phase_done(workdir: str, name: str) -> bool:
-    return storage.exists(storage.join(workdir, "phases", name, "DONE"))
+    from automem_jax.parallel import hosts
+    return hosts.primary(lambda: storage.exists(storage.join(workdir, "phases", name, "DONE")), f"phase done {name}")
 
 
 def _mark_done(workdir: str, name: str, result: dict) -> None:
@@ -38,21 +39,20 @@ def _mark_done(workdir: str, name: str, result: dict) -> None:
 
 
 def _sync(tag: str) -> None:
-    """Multi-host barrier: what process 0 wrote is visible to every host before any reads it."""
-    import jax
-    if jax.process_count() > 1:
-        # The coordinator's barrier, not a device collective: no computation, and a phase may
-        # keep hosts apart for hours (process 0 plays while the others' replicas serve).
-        from launch.phases import _kv_client
-        _kv_client().wait_at_barrier(tag.replace(" ", "_"), 24 * 3600 * 1000)
+    """Multi-host barrier: what process 0 wrote is visible to every host before any reads it. The
+    coordinator's barrier, not a device collective: a phase may keep hosts apart for hours."""
+    from automem_jax.parallel import hosts
+    hosts.barrier(tag)
 
 
 def run(cfg, workdir: str, phases: list[str]) -> None:
-    import jax  # noqa: F401  (loaded first: storage.primary_host() asks jax for the process index)
+    import jax
 
     from launch.phases import Run
-    storage.makedirs(workdir)
+    if jax.process_count() > 1:
+        storage.share(workdir)  # from here on only process 0 writes under the workdir
     if storage.primary_host():
+        storage.makedirs(workdir)
         storage.write_text(storage.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2) + "\n")
     _sync("automem start")
     ctx = Run(cfg, workdir)
@@ -80,17 +80,20 @@ def _run_phases(ctx, workdir: str, phases: list[str]) -> None:
 
 def validate_config(cfg, phases: list[str]):
     """Cheap checks before anything is written, so a typo never costs a half-written workdir.
+    Every path the phases read is checked here (the tokenizer is loaded, weights are not).
     Returns the model's QwenConfig (for `validate_devices`)."""
     from automem_jax.models import qwen
     from automem_jax.parallel.mesh import MeshConfig
     from launch import phases as ph
     try:
+        _check_placeholders(cfg, phases)
         runtime = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                        scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
         if not cfg.model.checkpoint:
             model_cfg = qwen.preset(cfg.model.preset, **runtime)
         else:
-            model_cfg = qwen.QwenConfig.from_hf(cfg.model.checkpoint, **runtime)
+            model_cfg = _read("model.checkpoint", cfg.model.checkpoint,
+                              lambda: qwen.QwenConfig.from_hf(cfg.model.checkpoint, **runtime))
         MeshConfig.from_any(cfg.mesh.to_dict())
         validate_inference(cfg, phases, model_cfg)
         from automem_jax.envs import KNOWN_ENVS
@@ -100,7 +103,10 @@ def validate_config(cfg, phases: list[str]):
         for env in names:
             if env not in KNOWN_ENVS and not env.startswith("minihack:"):
                 raise ValueError(f"env.name {env!r}: expected one of {', '.join(KNOWN_ENVS)} or minihack:<task>")
-        ph.load_structure(cfg).validate()
+        structure = (_read("env.structure", cfg.env.structure, lambda: ph.load_structure(cfg))
+                     if cfg.env.structure else ph.load_structure(cfg))
+        structure.validate()
+        _check_levels(cfg, names)
         for field in ("eval.seeds", "bootstrap.seeds"):
             sec, key = field.split(".")
             try:
@@ -111,10 +117,11 @@ def validate_config(cfg, phases: list[str]):
             ph.parse_seeds(cfg.final_eval.seeds)
         for sec in ("bootstrap", "loop2"):
             try:
-                ph.train_config(cfg[sec].train)
+                tcfg = ph.train_config(cfg[sec].train)
                 ph.data_config(cfg[sec].data)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{sec}: {e}") from None
+            _check_lora(sec, tcfg)
         vocab = cfg.bootstrap.get("tokenizer_vocab", 0)
         if vocab < 0 or 0 < vocab < 384:
             raise ValueError(f"bootstrap.tokenizer_vocab {vocab}: expected 0 (keep the tokenizer) or at least 384")
@@ -124,7 +131,7 @@ def validate_config(cfg, phases: list[str]):
                                  f"env.name is {cfg.env.name!r}")
         if "loop1" in phases:
             ph.loop1_config(cfg)
-        if "loop1" in phases or ("loop2" in phases and cfg.loop2.judge == "critic"):
+        if _critic_used(cfg, phases):
             ph.make_critic(cfg)
         if cfg.collect.policy not in ("base", "teacher"):
             raise ValueError(f"collect.policy {cfg.collect.policy!r}: expected base or teacher")
@@ -132,23 +139,187 @@ def validate_config(cfg, phases: list[str]):
             raise ValueError("collect.policy=teacher: the scripted teacher plays Craftax/Crafter only")
         if cfg.loop2.judge not in ("critic", "heuristic"):
             raise ValueError(f"loop2.judge {cfg.loop2.judge!r}: expected critic or heuristic")
+        # Last: loading the tokenizer is the slowest check (seconds), the cheap ones answer first.
+        if set(phases) - {"report"}:
+            tok = _check_tokenizer(cfg, model_cfg)
+            _check_prompt_fits(cfg, phases, tok, structure, names)
     except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
         raise app.UsageError(f"config: {e}") from None
     return model_cfg
 
 
+def _critic_used(cfg, phases: list[str]) -> bool:
+    return "loop1" in phases or ("loop2" in phases and cfg.loop2.judge == "critic")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _read(field: str, path: str, fn):
+    """fn(), which reads `path`; a missing file or an unreachable bucket names the config field."""
+    try:
+        return fn()
+    except FileNotFoundError as e:
+        why = "not found" if e.errno is not None or str(e).strip("'\"") == path else str(e)
+        raise FileNotFoundError(f"{field} {path!r}: {why}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{field} {path!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - google-auth and network errors share no base class
+        raise ValueError(f"{field} {path!r}: cannot read it ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _check_placeholders(cfg, phases: list[str]) -> None:
+    """Template values not filled in (configs/*_qwen25_*.py) fail before any gs:// access. Not the
+    tokenizer: a placeholder there defaults to the checkpoint folder (tokenizer_source)."""
+    from automem_jax.models.tokenizer import is_placeholder
+    fields = ["model.checkpoint", "env.structure", "env.levels_path"]
+    if _critic_used(cfg, phases) and cfg.critic.kind != "heuristic":
+        fields += ["critic.base_url", "critic.model"]
+    for field in fields:
+        sec, key = field.split(".")
+        value = cfg[sec].get(key, "")
+        if is_placeholder(value):
+            raise ValueError(f"{field} {value!r} is a placeholder; pass --config.{field}=...")
+
+
+def _check_levels(cfg, names: list[str]) -> None:
+    """A set env.levels_path holds the folder of every configured Boxoban task. Unset, the env
+    looks for the levels itself at the first episode ($AUTOMEM_BOXOBAN_LEVELS, then minihack's)."""
+    levels = cfg.env.get("levels_path", "")
+    boxoban = [n for n in names if n.startswith("minihack:Boxoban")]  # as Run.env_kwargs
+    if not (levels and boxoban):
+        return
+    from automem_jax.envs.nethack import _boxoban_levels, resolve_task
+    for name in boxoban:
+        _, gym_id = resolve_task(name.split(":", 1)[1])
+        try:
+            _boxoban_levels(gym_id, levels)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"env.levels_path {levels!r} ({name}): {e}") from None
+
+
+def _check_lora(sec: str, tcfg) -> None:
+    """The adapters' settings resolved as training resolves them (LoRAConfig), so a bad target
+    fails now and not when Loop 2 starts, hours into a pod run."""
+    import re
+
+    from launch.phases import trainer_lora
+    if tcfg.mode != "lora":
+        return
+    try:
+        trainer_lora(tcfg)
+    except ValueError as e:
+        m = re.match(r"LoRAConfig\.(\w+): (.*)", str(e), re.S)
+        field, why = (f"lora_{m[1]}", m[2]) if m else ("lora_targets", str(e))
+        raise ValueError(f"{sec}.train.{field} {getattr(tcfg, field, '')!r}: {why}") from None
+
+
+# Any of these makes a folder a tokenizer AutoTokenizer can load.
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def _check_tokenizer(cfg, model_cfg):
+    """Loads the configured tokenizer from where the run will (tokenizer_source) and checks that
+    the model's embedding holds its vocabulary. Returns it for the prompt-length check."""
+    from automem_jax.models.tokenizer import default_tokenizer_dir, load_tokenizer, tokenizer_source
+    src = tokenizer_source(cfg.tokenizer, cfg.model.checkpoint)
+    if src is None:
+        field, src = "tokenizer (empty: the offline Qwen3 files)", None
+        default_tokenizer_dir()  # its FileNotFoundError says what to install
+    else:
+        field = "tokenizer" if src == cfg.tokenizer else "tokenizer (defaulting to model.checkpoint)"
+
+        def markers():
+            if not storage.is_gcs(src) and not os.path.isdir(src):
+                raise FileNotFoundError("no such folder")
+            return [n for n in _TOKENIZER_MARKERS if storage.exists(storage.join(src, n))]
+        if not _read(field, src, markers):
+            raise FileNotFoundError(f"{field} {src!r}: holds no tokenizer ({', '.join(_TOKENIZER_MARKERS)})")
+    try:
+        tok = load_tokenizer(src)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken folder
+        raise ValueError(f"{field} {src!r}: cannot load it ({type(e).__name__}: {_first_line(e)})") from None
+    # As Run.trained_tokenizer: the bootstrap's own BPE then sizes the random preset's vocabulary.
+    b = cfg.bootstrap
+    trained = bool(b.enabled and b.get("tokenizer_vocab", 0) and not cfg.model.checkpoint)
+    if not trained and len(tok) > model_cfg.vocab_size:
+        raise ValueError(f"{field} {src!r}: {len(tok)} tokens, more than the model's vocab_size "
+                         f"{model_cfg.vocab_size}")
+    return tok
+
+
+# Phases whose model answers the agent's prompts (bootstrap and a teacher collect do not).
+_PLAYING_PHASES = {"baseline", "loop1", "collect", "loop2", "final_eval"}
+
+
+def _check_prompt_fits(cfg, phases: list[str], tok, structure, names: list[str]) -> None:
+    """The first PLAN prompt plus one reply must fit inference.max_len; otherwise every turn fails
+    and the run goes on silently on fallback actions. The count is a lower bound: an empty
+    observation and empty memory files (no env is reset here), no env instruction for NetHack and
+    MiniHack (only a built env has its action list), and for the tiny config the configured
+    tokenizer stands in for the bootstrap's domain BPE, which does not exist yet."""
+    if not _PLAYING_PHASES & set(phases):
+        return
+    from automem_jax.agent.memory_agent import MemoryAgent
+    from automem_jax.envs import describe_crafter as dc
+    from automem_jax.models.tokenizer import apply_chat_template
+    inf = cfg.inference
+    longest, where = 0, ""
+    for name in names:
+        if name in ("craftax", "crafter"):
+            game = "Craftax-Classic" if name == "craftax" else "Crafter"
+            agent = MemoryAgent(structure, actions=dc.ACTIONS, default_action=dc.DEFAULT_ACTION,
+                                instruction=dc.instruction(game))
+        else:
+            agent = MemoryAgent(structure, actions=(), default_action="", instruction="")
+        request = next(agent.act(""))
+        try:
+            n = len(apply_chat_template(tok, request.messages))
+        except Exception as e:  # noqa: BLE001 - a missing or broken chat template
+            raise ValueError(f"tokenizer: cannot render the agent's prompt ({type(e).__name__}: "
+                             f"{_first_line(e)})") from None
+        if n > longest:
+            longest, where = n, name
+    budget = structure.budgets["max_tokens"]
+    reply = min(inf.max_tokens, budget)  # each request's cap, as the clients apply it
+    reply_from = (f"inference.max_tokens {reply}" if reply == inf.max_tokens else
+                  f"the structure's budgets.max_tokens {reply}")
+    if longest + reply > inf.max_len:
+        raise ValueError(f"inference.max_len {inf.max_len} is too short: the first {where} prompt takes at "
+                         f"least {longest} tokens (empty observation and memory) + {reply_from} = "
+                         f"{longest + reply}")
+
+
 def validate_devices(cfg, phases: list[str], model_cfg=None) -> None:
     """The checks that need the device count (after jax.distributed starts, before anything is
     written): both meshes fit the devices, and the serving memory per chip fits inference.device_kind."""
+    n = _check_mesh(cfg)
+    try:
+        validate_inference(cfg, phases, model_cfg, n_devices=n)
+    except ValueError as e:
+        raise app.UsageError(f"config: {e}") from None
+
+
+def _check_mesh(cfg) -> int:
+    """The training mesh against the device count; returns the count."""
     import jax
 
     from automem_jax.parallel.mesh import MeshConfig
     n = jax.device_count()
+    axes = {k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")}
     try:
         MeshConfig.from_any(cfg.mesh.to_dict()).axis_sizes(n)
-        validate_inference(cfg, phases, model_cfg, n_devices=n)
-    except ValueError as e:
-        raise app.UsageError(f"config: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise app.UsageError(f"config: mesh {axes} on {n} {jax.default_backend()} device(s): "
+                             f"{str(e).removeprefix('mesh config: ')}") from None
+    return n
 
 
 GENERATION_CONFIG = ("auto", "none")
@@ -230,34 +401,99 @@ def _resolve_phases(cfg) -> list[str]:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout, force=True)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("httpx2", "httpcore2"):  # one INFO line per HTTP request otherwise
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # orbax logs every save through absl at INFO; keep one line per unit of work.
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    cfg = _CONFIG.value
-    phases = _resolve_phases(cfg)
-    model_cfg = validate_config(cfg, phases)
-    if cfg.inference.backend == "server":
-        # The replicas own the accelerator while they serve; this process stays on the CPU and
-        # runs training in child processes (launch/child.py), which check the devices themselves.
-        import jax
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if cfg.mesh.multi_host:
-        import jax
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only; TPUs ignore it
-        from automem_jax.parallel.mesh import MeshConfig, maybe_initialize_distributed
-        maybe_initialize_distributed(MeshConfig.from_any(cfg.mesh.to_dict()))
-    if cfg.inference.backend != "server":
-        validate_devices(cfg, phases, model_cfg)
+    try:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stdout, force=True)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        for name in ("httpx2", "httpcore2"):  # one INFO line per HTTP request otherwise
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # orbax logs every save through absl at INFO; keep one line per unit of work.
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        cfg = _loaded_config()
+        phases = _resolve_phases(cfg)
+        if not cfg.mesh.multi_host and cfg.inference.backend != "server":
+            _check_mesh(cfg)  # the device count is known already: a mesh typo answers in seconds
+        model_cfg = validate_config(cfg, phases)
+        if cfg.inference.backend == "server":
+            # The replicas own the accelerator while they serve; this process stays on the CPU and
+            # runs training in child processes (launch/child.py), which check the devices themselves.
+            import jax
+            jax.config.update("jax_platforms", "cpu")
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if cfg.mesh.multi_host:
+            import jax
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only; TPUs ignore it
+            from automem_jax.parallel.mesh import MeshConfig, maybe_initialize_distributed
+            maybe_initialize_distributed(MeshConfig.from_any(cfg.mesh.to_dict()))
+        if cfg.inference.backend != "server":
+            validate_devices(cfg, phases, model_cfg)
+    except app.UsageError as e:
+        _usage_exit(str(e))  # one line: absl's usage page would bury it
     run(cfg, _WORKDIR.value, phases)
 
 
+def _usage_exit(message: str) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(1)
+
+
+def _loaded_config():
+    """The --config value; config_flags defers a file's load error to the first access."""
+    cfg = _CONFIG.value
+    try:
+        cfg.get("phases")
+    except OSError as e:
+        _usage_exit(f"config: cannot load the config file: {_last_line(e)}")
+    return cfg
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; a --config.<field> override that names no field becomes one line with
+    the closest known name (ml_collections raises an AttributeError with a long traceback)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        _usage_exit(_unknown_override(argv) or f"config: {_first_line(e)}")
+    except OSError as e:  # the config file itself did not load
+        _usage_exit(f"config: cannot load the config file: {_last_line(e)}")
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """'config: unknown field a.b (did you mean a.c?)' for the first override naming no field."""
+    import difflib
+    import re
+
+    from ml_collections import ConfigDict
+    flag = flags.FLAGS["config"]
+    cfg = flag.default  # the default file, already loaded when no --config is given
+    for i, arg in enumerate(argv):
+        m = re.match(r"^--?config(?:=(.*))?$", arg)
+        if m:
+            path = m[1] if m[1] is not None else (argv[i + 1] if i + 1 < len(argv) else "")
+            cfg = flag.parser.parse(path)  # the same loader as config_flags
+    if not isinstance(cfg, ConfigDict):
+        return None
+    for arg in argv:
+        m = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+        if not m:
+            continue
+        parts, node = m[1].split("."), cfg
+        for depth, key in enumerate(parts):
+            if isinstance(node, ConfigDict) and key in node:
+                node = node[key]
+                continue
+            known = sorted(node.keys()) if isinstance(node, ConfigDict) else []
+            prefix = "".join(p + "." for p in parts[:depth])
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = (f"did you mean {prefix}{close[0]}?" if close else
+                    f"{prefix.rstrip('.') or 'the config'} has: {', '.join(known)}" if known else
+                    f"{prefix.rstrip('.')} is not a section")
+            return f"config: unknown field {m[1]} ({hint})"
+    return None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -114,7 +114,7 @@ def test_replica_set_failover_restart_and_adapters(tmp_path):
 
 SMALL = [
     "--config.bootstrap.seeds=100-101", "--config.bootstrap.max_steps=8",
-    "--config.bootstrap.train.max_steps=40", "--config.bootstrap.train.batch_size=8",
+    "--config.bootstrap.train.max_steps=12", "--config.bootstrap.train.batch_size=8",
     "--config.eval.seeds=42-45", "--config.env.max_steps=3", "--config.env.num_envs=2",
     "--config.inference.max_tokens=48", "--config.inference.max_batch=4", "--config.inference.max_len=1536",
     "--config.collect.episodes=3", "--config.collect.max_steps=4",

@@ -7,19 +7,26 @@ import sys
 import pytest
 
 from automem_jax import report, storage
+from automem_jax.rollout.traces import health_stats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _summary(progress, se, redundant, empty, ops, ctx, invalid, tasks=("default",)):
-    """A Runner summary.json shaped like rollout.traces.summarize writes it."""
+def _summary(progress, se, redundant, empty, ops, ctx, invalid, tasks=("default",), health=None):
+    """A Runner summary.json shaped like rollout.traces.summarize writes it; `health`: counts per task
+    (keys traces.HEALTH_COUNTS), made into summarize's health entries by traces.health_stats."""
     per_task = {t: {"episodes": 5, "steps": 100, "progression_percentage": progress, "standard_error": se,
                     "invalid_action_rate": invalid,
                     "hygiene": {"redundant_write_rate": redundant, "empty_search_rate": empty,
                                 "ops_per_step": ops, "context_tokens_per_step": ctx, "redundant_writes": 3}}
                 for t in tasks}
-    return {"episodes": 5 * len(tasks), "average_progress": progress, "standard_error": se,
-            "input_tokens": 1000, "output_tokens": 200, "environments": {"craftax": per_task}}
+    out = {"episodes": 5 * len(tasks), "average_progress": progress, "standard_error": se,
+           "input_tokens": 1000, "output_tokens": 200, "environments": {"craftax": per_task}}
+    if health is not None:
+        for t in per_task.values():
+            t["health"] = health_stats(health, episodes=5)
+        out["health"] = health_stats({k: v * len(tasks) for k, v in health.items()}, episodes=5 * len(tasks))
+    return out
 
 
 def _write(root, rel, obj):
@@ -180,3 +187,40 @@ def test_gcs_workdir(gcs_emulator):
 def test_summary_metrics_tolerates_odd_values(summary, expected):
     m = report.summary_metrics(summary)
     assert m["progression"] is expected and m["redundant_write_rate"] is None
+
+
+def test_run_health_rates_and_flags(tmp_path):
+    """Each evaluation's health rates; those above 5% flagged, with the warning lines."""
+    root = str(tmp_path / "run")
+    bad = {"steps": 100, "model_turns": 200, "model_errors": 20, "fallback_actions": 10, "context_overflows": 12}
+    fine = {"steps": 100, "model_turns": 200, "model_errors": 2, "fallback_actions": 1, "context_overflows": 0}
+    clean = {"steps": 100, "model_turns": 250, "model_errors": 0, "fallback_actions": 0, "context_overflows": 0}
+    _write(root, "eval/baseline/summary.json", _summary(10.0, 2.0, 0.4, 0.3, 1.5, 800, 0.05, health=bad))
+    _write(root, "structures/archive.jsonl", [
+        {"id": "v0", "revision": 0, "kind": "baseline", "status": "accepted", "version": 0},
+        {"id": "r1-c1", "revision": 1, "kind": "continuation", "status": "rejected",
+         "metric": {"average_progress": 8.0, "standard_error": 1.0}},
+        {"id": "r1-c2", "revision": 1, "kind": "continuation", "status": "accepted", "version": 1,
+         "metric": {"average_progress": 12.0, "standard_error": 1.0}}])
+    # r1-c1 was evaluated before health was recorded.
+    _write(root, "structures/candidates/r1-c1/eval/summary.json", _summary(8.0, 1.0, 0.3, 0.3, 1.5, 800, 0.05))
+    _write(root, "structures/candidates/r1-c2/eval/summary.json",
+           _summary(12.0, 1.0, 0.3, 0.3, 1.5, 800, 0.05, health=fine))
+    _write(root, "loop2/0/eval/eval_summary.json", _summary(14.0, 1.0, 0.2, 0.3, 1.5, 800, 0.05, health=fine))
+    _write(root, "eval/final/summary.json",
+           _summary(15.0, 2.0, 0.2, 0.3, 1.5, 800, 0.05, tasks=("A", "B"), health=clean))
+    text = storage.read_text(report.build_report(root, plots=False))
+    assert "## Run health" in text
+    assert "| baseline | 5 | 100 | 200 | 10.0% ⚠ | 10.0% ⚠ | 6.0% ⚠ |" in text
+    assert "| L1 r1-c1 | 5 | – | – | – | – | – |" in text
+    assert "| L1 r1-c2 | 5 | 100 | 200 | 1.0% | 1.0% | 0.0% |" in text
+    assert "| L2 it0 | 5 | 100 | 200 | 1.0% | 1.0% | 0.0% |" in text
+    assert "| final | 10 | 200 | 500 | 0.0% | 0.0% | 0.0% |" in text
+    assert "_No health counts in: L1 r1-c1 (summaries written before they were recorded)._" in text
+    warnings = text.split("⚠ Rates above 5%:\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(warnings) == 3 and all(w.startswith("- baseline: craftax/default: ") for w in warnings)
+    assert "context overflows in 6.0% of model turns (12 of 200)" in warnings[0] and "inference.max_len" in text
+    # The final comparison carries the rates too.
+    assert "| context-overflow rate (per model turn) | 6.0% ⚠ | 0.0% | -6.0 pt (-100%) |" in text
+    assert "| fallback-action rate (per step) | 10.0% ⚠ | 0.0% | -10.0 pt (-100%) |" in text
+    assert "| model-error rate (per model turn) | 10.0% ⚠ | 0.0% |" in text

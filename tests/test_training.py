@@ -12,9 +12,10 @@ from flax import nnx
 from automem_jax.models import qwen
 from automem_jax.models.tokenizer import load_tokenizer
 from automem_jax.parallel.mesh import MeshConfig, make_mesh
+from automem_jax.training import checkpoint
 from automem_jax.training.checkpoint import Checkpointer, CheckpointError
 from automem_jax.training.data import DataConfig, build_dataset
-from automem_jax.training.trainer import TrainConfig, Trainer, lr_schedule
+from automem_jax.training.trainer import TrainConfig, Trainer, flop_counter, lr_schedule
 
 FACTS = ["saw a tree to the north", "collected wood", "placed a table", "drank water", "ate a cow",
          "found stone to the east", "made a wood pickaxe", "slept at night"]
@@ -53,6 +54,61 @@ def _base(model):
     return {k: v for k, v in _params(model).items() if "lora" not in k}
 
 
+# ---- FLOPs accounting, counted by hand ------------------------------------------------------------
+
+def _matmuls(c):
+    """(fan_in, fan_out) of every projection of one decoder layer, read off the architecture."""
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return {"q": (c.hidden_size, q), "k": (c.hidden_size, kv), "v": (c.hidden_size, kv), "o": (q, c.hidden_size),
+            "gate": (c.hidden_size, c.intermediate_size), "up": (c.hidden_size, c.intermediate_size),
+            "down": (c.intermediate_size, c.hidden_size)}
+
+
+def _hand_flops(c, lengths, targets, lora_rank=0, lora_targets=()):
+    """One step: per real token 2 FLOPs/weight forward, 2 input-gradient, 2 weight-gradient (base
+    frozen under LoRA: no weight gradient); the vocab head only at target positions; causal
+    attention QK^T + PV = 2 matmuls x 2 FLOPs x heads x head_dim x L/2 keys per token per layer,
+    backward twice the forward."""
+    base = c.num_layers * sum(i * o for i, o in _matmuls(c).values())
+    head = c.hidden_size * c.vocab_size  # tied or not, one [hidden, vocab] projection
+    adapters = c.num_layers * sum(lora_rank * (i + o) for n, (i, o) in _matmuls(c).items() if n in lora_targets)
+    per_weight = 4 if lora_rank else 6
+    total = 0.0
+    for L in lengths:
+        attn_fwd = c.num_layers * 2 * 2 * c.num_heads * c.head_dim * (L * L / 2)
+        total += L * (per_weight * base + 6 * adapters) + 3 * attn_fwd
+    return total + per_weight * head * targets
+
+
+def test_flops_per_token_against_hand_count():
+    # Untied head and qkv biases (biases and norms are no matmuls, the input embedding is a lookup).
+    c = qwen.QwenConfig(arch="qwen2", vocab_size=1000, hidden_size=64, intermediate_size=96, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=False, qkv_bias=True,
+                        qk_norm=False)
+    base = 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 96)  # q, k, v, o, gate/up/down, 2 layers
+    head = 64 * 1000
+    attn_per_ctx = 3 * 2 * 2 * 4 * 16 / 2 * 2                      # fwd+bwd, per token per context position
+    assert c.flops_per_token(0) == 6 * (base + head)
+    assert c.flops_per_token(100) == 6 * (base + head) + attn_per_ctx * 100
+    assert c.flops_per_token(100, lm_head=False) == 6 * base + attn_per_ctx * 100
+    lora = 2 * 4 * (64 + 64) + 2 * 4 * (64 + 32)                     # rank 4 on q and v, 2 layers
+    assert c.flops_per_token(100, lora_params=lora, frozen_base=True) == \
+        4 * (base + head) + 6 * lora + attn_per_ctx * 100
+    tied = c.replace(tie_word_embeddings=True)                     # the embedding counts once, as the head
+    assert tied.flops_per_token(0) == c.flops_per_token(0)
+
+    # A step: real lengths only (a padding row has length 0), the head only at target positions.
+    lens, targets = np.array([37, 5, 0]), 11
+    assert flop_counter(c)(lens, targets) == pytest.approx(_hand_flops(c, lens, targets), rel=1e-12)
+    got = flop_counter(c, lora_params=lora, frozen_base=True)(lens, targets)
+    assert got == pytest.approx(_hand_flops(c, lens, targets, lora_rank=4, lora_targets=("q", "v")), rel=1e-12)
+
+
+def _step_flops(row, tc):
+    """The FLOPs behind a history row's MFU (one device, no mesh)."""
+    return row["mfu"] * row["seconds"] * tc.peak_flops
+
+
 def test_full_finetune_lowers_masked_loss(tmp_path, dataset, cfg):
     model = qwen.init_model(cfg, 0)
     tc = TrainConfig(mode="full", learning_rate=3e-3, batch_size=4, grad_accum=1, max_steps=24,
@@ -64,6 +120,9 @@ def test_full_finetune_lowers_masked_loss(tmp_path, dataset, cfg):
     assert first > 9.0
     assert last < 0.5 * first, (first, last)
     assert all("mfu" in h and h["tokens_per_s"] > 0 for h in res.history)
+    for row in res.history[:3]:
+        lens = dataset.batch_at(row["step"] - 1, tc.global_batch)["attention_mask"].sum(axis=1)
+        assert _step_flops(row, tc) == pytest.approx(_hand_flops(cfg, lens, row["targets"]), rel=1e-9)
     assert os.path.exists(tmp_path / "train_log.jsonl")
 
 
@@ -71,8 +130,13 @@ def test_lora_trains_adapters_only(tmp_path, dataset, cfg):
     model = qwen.init_model(cfg, 0)
     before = _base(model)
     tc = TrainConfig(mode="lora", lora_rank=8, lora_alpha=16, lora_targets="ALL", learning_rate=5e-3,
-                     batch_size=4, grad_accum=2, max_steps=10, warmup_ratio=0.0)
+                     batch_size=4, grad_accum=2, max_steps=10, warmup_ratio=0.0, peak_flops=1e12)
     res = Trainer(model, cfg, tc, str(tmp_path)).fit(dataset)
+    # MFU counts the frozen base at 4 FLOPs/weight/token and the adapters at 6.
+    row = res.history[0]
+    lens = dataset.batch_at(0, tc.global_batch)["attention_mask"].sum(axis=1)
+    want = _hand_flops(cfg, lens, row["targets"], lora_rank=8, lora_targets=tuple(_matmuls(cfg)))
+    assert _step_flops(row, tc) == pytest.approx(want, rel=1e-9)
     after = _base(res.model)
     assert before.keys() == after.keys()
     for k in before:
@@ -101,27 +165,28 @@ def test_interrupted_run_resumes_exactly(tmp_path, dataset, cfg):
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path, dataset, cfg):
     out = str(tmp_path)
-    tc = TrainConfig(mode="full", learning_rate=1e-3, batch_size=8, grad_accum=1, max_steps=1, warmup_ratio=0.0)
+    tc = TrainConfig(mode="full", learning_rate=1e-3, batch_size=8, grad_accum=1, max_steps=2, warmup_ratio=0.0)
     mesh_a = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1))
-    first = Trainer(qwen.init_model(cfg, 0, mesh=mesh_a), cfg, tc, out, mesh=mesh_a).fit(dataset)
+    first = Trainer(qwen.init_model(cfg, 0, mesh=mesh_a), cfg, tc, out, mesh=mesh_a).fit(dataset, stop_after=1)
     saved = _params(first.model)
 
     mesh_b = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
     model_b = qwen.init_model(cfg, 1, mesh=mesh_b)   # different init: the restore must overwrite it
     tr = Trainer(model_b, cfg, tc, out, mesh=mesh_b)
-    res = tr.fit(dataset)                            # step 1 is done: restore only
-    assert res.resumed_from == 1
-    got = _params(res.model)
+    with jax.set_mesh(mesh_b):
+        params, _, meta = tr.ckpt.restore(1, tr.params)
+    assert meta["step"] == 1
+    restored = nnx.merge(tr.graphdef, params, tr.frozen)
+    got = _params(restored)
     for k in saved:
         np.testing.assert_array_equal(saved[k], got[k], err_msg=k)
-    q = res.model.layers[0].self_attn.q_kernel[...]
+    q = restored.layers[0].self_attn.q_kernel[...]
     assert q.sharding.mesh.shape == mesh_b.shape
     assert tuple(q.sharding.spec)[:2] == ("fsdp", "tensor")
 
-    # And training goes on under the new mesh.
-    tc2 = TrainConfig(mode="full", learning_rate=1e-3, batch_size=8, grad_accum=1, max_steps=2, warmup_ratio=0.0)
-    res2 = Trainer(qwen.init_model(cfg, 1, mesh=mesh_b), cfg, tc2, out, mesh=mesh_b).fit(dataset)
-    assert res2.resumed_from == 1 and res2.steps == 2
+    # And training goes on under the new mesh (the same run: a changed schedule would be refused).
+    res = tr.fit(dataset)
+    assert res.resumed_from == 1 and res.steps == 2
 
 
 def _damage(step_dir):
@@ -136,7 +201,8 @@ def _damage(step_dir):
     assert n > 0
 
 
-def test_damaged_checkpoint_falls_back_to_previous(tmp_path, dataset, cfg, caplog):
+def test_damaged_checkpoint_falls_back_to_previous(tmp_path, dataset, cfg, caplog, monkeypatch):
+    monkeypatch.setattr(checkpoint, "RESTORE_BACKOFF_S", 0.0)  # damage is retried and re-read; no need to wait
     out = str(tmp_path)
     tc = TrainConfig(mode="lora", lora_rank=4, learning_rate=1e-2, batch_size=4, grad_accum=1, max_steps=4,
                      warmup_ratio=0.0, save_every=2, keep=3)
@@ -151,6 +217,8 @@ def test_damaged_checkpoint_falls_back_to_previous(tmp_path, dataset, cfg, caplo
         res = Trainer(qwen.init_model(cfg, 0), cfg, tc, out).fit(dataset)
     assert res.resumed_from == 2
     assert any("step 4" in r.getMessage() and "could not be restored" in r.getMessage() for r in caplog.records)
+    # Moved aside, not deleted.
+    assert [d for d in os.listdir(ckdir) if d.startswith("4.damaged-")]
     a, b = _params(ref.model), _params(res.model)   # steps 3-4 redone from step 2: same result
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

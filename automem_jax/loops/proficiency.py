@@ -29,6 +29,7 @@ from automem_jax import storage
 from automem_jax.agent.types import ROLE_GAMEPLAY
 from automem_jax.memory import ops as ops_mod
 from automem_jax.memory.ops import KeyedOp
+from automem_jax.parallel import hosts
 from automem_jax.rollout.traces import HygieneCounter, dumps, dumps_pretty
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class NotEnoughExamples(RuntimeError):
             f"only {selected} examples were selected, fewer than min_examples={min_examples} "
             f"(candidates {stats.get('candidates')}, by reason {stats.get('by_reason')}); collect more "
             "traces, loosen the judge or top_pct, or pass allow_fewer=True")
+
+    def __reduce__(self):  # rebuilt on the other hosts when process 0 raises it (parallel.hosts)
+        return type(self), (self.selected, self.min_examples, self.stats)
 
 
 class JudgeError(ValueError):
@@ -695,8 +699,9 @@ def build_iteration_dataset(run_dir: str, out_dir: str, judge, *, min_examples: 
 # =================================================================================== the loop
 
 def read_ledger(workdir: str) -> list[dict]:
+    """The ledger as process 0 reads it (every host decides alike)."""
     path = storage.join(workdir, "ledger.jsonl")
-    return _read_jsonl(path) if storage.exists(path) else []
+    return hosts.primary(lambda: _read_jsonl(path) if storage.exists(path) else [], f"ledger {path}")
 
 
 def _append_ledger(workdir: str, row: dict) -> None:
@@ -704,22 +709,29 @@ def _append_ledger(workdir: str, row: dict) -> None:
     # Process 0 alone writes it (every host runs the loop); later phases read it after a barrier.
     if not storage.primary_host():
         return
-    rows = read_ledger(workdir) + [row]
+    path = storage.join(workdir, "ledger.jsonl")
+    rows = (_read_jsonl(path) if storage.exists(path) else []) + [row]  # not read_ledger: one host here
     storage.write_text(storage.join(workdir, "ledger.jsonl"), "".join(dumps(r) + "\n" for r in rows))
 
 
 def _unit(folder: str, result_name: str, fn: Callable[[], dict]) -> tuple[dict, float | None]:
-    """Run ``fn`` once: its result is saved next to a DONE marker and reloaded on a re-run."""
+    """Run ``fn`` once: its result is saved next to a DONE marker and reloaded on a re-run.
+    Multi-host: every host runs ``fn`` (SPMD work); process 0's result is the one kept everywhere."""
     done, path = storage.join(folder, "DONE"), storage.join(folder, result_name)
-    if storage.exists(done):
-        return json.loads(storage.read_text(path)), None
-    storage.makedirs(folder)
+    saved = hosts.primary(lambda: json.loads(storage.read_text(path)) if storage.exists(done) else None,
+                          f"unit {folder}")
+    if saved is not None:
+        return saved, None
+    if storage.primary_host():
+        storage.makedirs(folder)  # the unit's folder exists for fn
     t = time.perf_counter()
     result = fn()
     if not isinstance(result, Mapping):
         raise TypeError(f"{result_name}: expected a dict from the callable, got {type(result).__name__}")
-    storage.write_text(path, dumps_pretty(dict(result)))
-    storage.write_text(done, "ok\n")
+    result = hosts.primary(lambda: dict(result), f"unit result {folder}")
+    if storage.primary_host():
+        storage.write_text(path, dumps_pretty(dict(result)))
+        storage.write_text(done, "ok\n")
     return dict(result), time.perf_counter() - t
 
 
@@ -748,7 +760,8 @@ def _eval_entry(summary: Mapping, run_dir: str) -> dict:
             weights += w
             for k in _HYGIENE_KEYS:
                 hyg[k] += w * float(h.get(k, 0.0))
-    episodes = _episodes_of(run_dir) if storage.exists(run_dir) else []
+    episodes = hosts.primary(lambda: _episodes_of(run_dir) if storage.exists(run_dir) else [],
+                             f"episodes {run_dir}")
     return {
         "run_dir": run_dir,
         "average_progress": summary.get("average_progress"), "standard_error": summary.get("standard_error"),
@@ -787,10 +800,12 @@ def run_loop2(*, workdir: str, traces_dir: str, judge, train_fn: Callable[[str, 
         source = start_iteration if reuse_dataset else it
         dataset_dir = storage.join(workdir, "datasets", str(source))
         td = time.perf_counter()
-        resumed = storage.exists(storage.join(dataset_dir, "DONE"))
-        stats = build_iteration_dataset(traces_dir, dataset_dir, judge, min_examples=min_examples,
-                                        top_pct=top_pct, version=source, batch_size=batch_size,
-                                        allow_fewer=allow_fewer)
+        # Process 0 alone judges and writes the dataset; the others get its stats (or its error).
+        resumed, stats = hosts.primary(lambda: (
+            storage.exists(storage.join(dataset_dir, "DONE")),
+            build_iteration_dataset(traces_dir, dataset_dir, judge, min_examples=min_examples, top_pct=top_pct,
+                                    version=source, batch_size=batch_size, allow_fewer=allow_fewer)),
+            f"loop2 dataset {dataset_dir}")
         dataset_s = None if resumed else time.perf_counter() - td
         it_dir = storage.join(workdir, "loop2", str(it))
         train, train_s = _unit(storage.join(it_dir, "train"), "train_result.json",

@@ -21,6 +21,10 @@ whose proposal was saved (``proposal.json``) but whose row is missing was interr
 evaluation: the saved proposal is evaluated again in the same run folder, where the Runner skips
 finished episodes. Nothing the critic writes is executed: it is a YAML document that must pass
 ``MemoryStructure.validate()``.
+
+Multi-host: every host runs the loop (the evaluations are SPMD programs); process 0 alone asks the
+critic, reads the archive and candidate folders and writes them (``parallel.hosts.primary``), so
+every host evaluates the same candidates and takes the same decisions.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from automem_jax import storage
 from automem_jax.critic.heuristic import ProposalError, parse_proposal
 from automem_jax.critic.tools import TraceTools
 from automem_jax.memory.structure import ENV_ALIASES, MemoryStructure, StructureError, diff
+from automem_jax.parallel import hosts
 
 _log = logging.getLogger(__name__)
 
@@ -318,6 +323,9 @@ class _Loop1:
     # ---------------------------------------------------------------- storage
 
     def _read_archive(self) -> list[dict]:
+        return hosts.primary(self._read_archive_here, f"loop1 archive {self.archive_path}")
+
+    def _read_archive_here(self) -> list[dict]:
         try:
             text = storage.read_text(self.archive_path)
         except FileNotFoundError:
@@ -336,7 +344,7 @@ class _Loop1:
         self.rows.append(row)
         self.by_id[row["id"]] = row
         # storage has no append (gs:// objects are immutable); archives are small, so rewrite it whole.
-        storage.write_text(self.archive_path, "".join(_dump(r) + "\n" for r in self.rows))
+        _write(self.archive_path, "".join(_dump(r) + "\n" for r in self.rows))
 
     def cand_dir(self, uid: str) -> str:
         return storage.join(self.root, "candidates", uid)
@@ -345,10 +353,11 @@ class _Loop1:
         return storage.join(self.root, f"v{k}.yaml")
 
     def _load_version(self, k: int) -> MemoryStructure:
-        return MemoryStructure.from_text(storage.read_text(self.version_path(k)))
+        path = self.version_path(k)
+        return MemoryStructure.from_text(hosts.primary(lambda: storage.read_text(path), f"loop1 read {path}"))
 
     def _write_best(self) -> None:
-        storage.write_text(storage.join(self.root, "best.json"), json.dumps({
+        _write(storage.join(self.root, "best.json"), json.dumps({
             "version": self.best_version, "id": self.best_id, "label": self.best.label,
             "structure": self.version_path(self.best_version), "metric": self.best_metric,
             "run_dir": self.best_run_dir, "updated": _now()}, indent=2, ensure_ascii=True) + "\n")
@@ -370,18 +379,16 @@ class _Loop1:
             self._set_best(stored, 0, row["metric"], row.get("run_dir"), BASELINE_ID)
             self.log(f"loop1: baseline v0 replayed from the archive: {row['metric']['average_progress']:.2f}%")
             return
-        storage.write_text(self.version_path(0), start.to_yaml())
+        _write(self.version_path(0), start.to_yaml())
         t0 = time.perf_counter()
         if summary is None and run_dir:
-            try:
-                summary = json.loads(storage.read_text(storage.join(run_dir, "summary.json")))
-            except FileNotFoundError:
-                summary = None
+            summary = hosts.primary(lambda: _read_json_or_none(storage.join(run_dir, "summary.json")),
+                                    f"loop1 baseline summary {run_dir}")
         if summary is None:
             run_dir = storage.join(self.cand_dir(BASELINE_ID), "eval")
             self.log(f"loop1: evaluating the start structure {start.label} -> {run_dir}")
             summary = self.evaluate(start, run_dir)
-        metric = metric_of(summary, run_dir)
+        metric = hosts.primary(lambda: metric_of(summary, run_dir), f"loop1 metric {run_dir}")
         self._set_best(start, 0, metric, run_dir, BASELINE_ID)
         self._append({"id": BASELINE_ID, "revision": 0, "attempt": 0, "kind": "baseline", "parent_version": None,
                       "version": 0, "status": "accepted", "metric": metric, "best_metric_before": None,
@@ -433,23 +440,36 @@ class _Loop1:
                 "diff": [], "edits": [], "usage": {}, "feedback_rounds": 0, "invalid_errors": [],
                 "transcript": None, "run_dir": None, "error": None}
         if feedback:
-            storage.write_text(storage.join(cdir, "feedback.md"), feedback + "\n")
-        try:
-            saved = json.loads(storage.read_text(storage.join(cdir, "proposal.json")))
-        except FileNotFoundError:
-            saved = None
+            _write(storage.join(cdir, "feedback.md"), feedback + "\n")
+        saved = hosts.primary(lambda: self._saved_proposal(cdir), f"loop1 saved proposal {uid}")
         if saved is not None:
             # Interrupted during its evaluation: evaluate the saved proposal again (no new critic call).
-            cand = MemoryStructure.from_text(storage.read_text(storage.join(cdir, "structure.yaml")))
-            row = {**base, **saved}
+            cand = MemoryStructure.from_text(saved["structure"])
+            row = {**base, **saved["proposal"]}
             self.log(f"loop1: {uid}: resuming the evaluation of the saved proposal")
         else:
-            got = self._propose(uid, cdir, base, attempt, feedback, tools_dir, tools_structure)
-            if isinstance(got, dict):  # invalid or error: archived without an evaluation
-                self._append(got)
-                return got
-            cand, row = got
+            # Process 0 alone asks the critic and saves the proposal; every host gets its outcome.
+            got = hosts.primary(lambda: self._propose_json(uid, cdir, base, attempt, feedback, tools_dir,
+                                                           tools_structure), f"loop1 propose {uid}")
+            if "structure" not in got:  # invalid or error: archived without an evaluation
+                self._append(got["row"])
+                return got["row"]
+            cand, row = MemoryStructure.from_text(got["structure"]), got["row"]
         return self._evaluate(uid, cdir, cand, row)
+
+    @staticmethod
+    def _saved_proposal(cdir: str) -> dict | None:
+        saved = _read_json_or_none(storage.join(cdir, "proposal.json"))
+        if saved is None:
+            return None
+        return {"proposal": saved, "structure": storage.read_text(storage.join(cdir, "structure.yaml"))}
+
+    def _propose_json(self, *args) -> dict:
+        got = self._propose(*args)
+        if isinstance(got, dict):
+            return {"row": got}
+        cand, row = got
+        return {"structure": cand.to_yaml(), "row": row}
 
     def _propose(self, uid, cdir, base, attempt, feedback, tools_dir, tools_structure):
         tools = TraceTools(tools_dir, tools_structure) if tools_dir else None
@@ -514,7 +534,8 @@ class _Loop1:
         self.log(f"loop1: {uid}: evaluating {cand.label} ({len(row.get('diff') or [])} changed fields) -> {run_dir}")
         t0 = time.perf_counter()
         try:
-            metric = metric_of(self.evaluate(cand, run_dir), run_dir)
+            summary = self.evaluate(cand, run_dir)
+            metric = hosts.primary(lambda: metric_of(summary, run_dir), f"loop1 metric {run_dir}")
         except Exception as e:  # noqa: BLE001 - one broken candidate must not end the loop
             err = f"evaluation failed: {type(e).__name__}: {e}"
             self.log(f"loop1: {uid}: {err}")
@@ -527,7 +548,7 @@ class _Loop1:
                    decision=d.stats, seconds={"critic": critic_s, "eval": round(time.perf_counter() - t0, 3)})
         if d.accept:
             version = self.best_version + 1
-            storage.write_text(self.version_path(version), cand.to_yaml())
+            _write(self.version_path(version), cand.to_yaml())
             row["version"] = version
             self._set_best(cand, version, metric, run_dir, uid)
         row["time"] = _now()
@@ -574,10 +595,25 @@ class _Loop1:
         return history
 
     def _candidate_structure(self, uid: str) -> MemoryStructure | None:
+        path = storage.join(self.cand_dir(uid), "structure.yaml")
+        text = hosts.primary(lambda: storage.read_text(path) if storage.exists(path) else None, f"loop1 read {path}")
         try:
-            return MemoryStructure.from_text(storage.read_text(storage.join(self.cand_dir(uid), "structure.yaml")))
-        except (FileNotFoundError, StructureError, ValueError):
+            return MemoryStructure.from_text(text) if text is not None else None
+        except (StructureError, ValueError):
             return None
+
+
+def _write(path: str, text: str) -> None:
+    """Process 0 writes the loop's files; the other hosts keep the same state in memory."""
+    if storage.primary_host():
+        storage.write_text(path, text)
+
+
+def _read_json_or_none(path: str):
+    try:
+        return json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        return None
 
 
 def run_loop1(*, critic, start: MemoryStructure, evaluate: Callable[[MemoryStructure, str], Mapping],

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -300,7 +301,9 @@ def save_pretrained(model: Qwen, config: QwenConfig | None, out_dir: str, tokeni
 
     written = []
     is_writer = jax.process_index() == 0
-    with storage.local_dir_for_writing(out_dir) as local:
+    # Every host joins the gathers below; the others write nothing (a scratch folder stays empty).
+    folder = storage.local_dir_for_writing(out_dir) if is_writer else tempfile.TemporaryDirectory()
+    with folder as local:
         total = len(shards)
         weight_map = {}
         for k, names in enumerate(shards):

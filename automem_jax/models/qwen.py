@@ -195,16 +195,28 @@ class QwenConfig:
     def num_params(self) -> int:
         return sum(math.prod(s) for s, _ in self.param_shapes().values())
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 x matmul params + causal attention (MaxText's accounting)."""
+    def flops_per_token(self, seq_len: int, *, lora_params: int = 0, frozen_base: bool = False,
+                        lm_head: bool = True) -> float:
+        """Training FLOPs per token (forward + backward) at context length `seq_len`; MaxText's accounting.
+
+        A matmul weight costs 2 FLOPs per token forward, 2 for the input gradient and 2 for its own
+        gradient: 6. `frozen_base=True` (LoRA) drops the weight gradient of every base matmul, so
+        they count 4; `lora_params` adapter weights (trained) count 6 each. `lm_head=False` leaves
+        out the vocab projection, for a caller that projects only some positions (it costs the
+        difference of the two calls per projected position). Causal attention (QK^T and PV over
+        seq_len/2 keys on average) is 2*2*heads*head_dim*seq_len/2 per layer forward and twice that
+        backward, with or without LoRA (its inputs are activations). Embedding lookups, norms and
+        biases are not matmuls and are not counted; neither is rematerialised work.
+        """
         shapes = self.param_shapes()
         # The embedding lookup is not a matmul; a tied embedding counts once, as the LM head.
-        skip = [n for n in shapes if n.endswith(("scale", "bias"))]
-        if not self.tie_word_embeddings:
-            skip.append("embed_tokens")
-        n_matmul = self.num_params() - sum(math.prod(shapes[n][0]) for n in skip)
+        head = math.prod(shapes["embed_tokens" if self.tie_word_embeddings else "lm_head"][0])
+        n_matmul = sum(math.prod(shape) for name, (shape, _) in shapes.items()
+                       if not name.endswith(("scale", "bias")) and name not in ("embed_tokens", "lm_head"))
+        if lm_head:
+            n_matmul += head
         attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len / 2
-        return 6 * n_matmul + attn
+        return (4 if frozen_base else 6) * n_matmul + 6 * lora_params + attn
 
 
 def _qwen25(hidden, layers, heads, kv, mlp, vocab, tied):

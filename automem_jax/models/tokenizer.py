@@ -30,6 +30,24 @@ def default_tokenizer_dir() -> str:
     return folder
 
 
+# A template value not yet filled in, e.g. the gs://YOUR_BUCKET/... of configs/*_qwen25_*.py.
+_PLACEHOLDER_RE = re.compile(r"YOUR_[A-Z0-9_]+")
+
+
+def is_placeholder(value) -> bool:
+    return isinstance(value, str) and _PLACEHOLDER_RE.search(value) is not None
+
+
+def tokenizer_source(tokenizer: str | None, model_dir: str | None = None) -> str | None:
+    """The folder a run loads its tokenizer from: `tokenizer`, unless it is empty or still a
+    placeholder, else `model_dir` (a Hugging Face checkpoint ships its own tokenizer), else None
+    (the offline Qwen3 files). The launcher's checks and the run both resolve it here, so the pod
+    configs need only --config.model.checkpoint."""
+    if tokenizer and not is_placeholder(tokenizer):
+        return str(tokenizer)
+    return str(model_dir) if model_dir else None
+
+
 def load_tokenizer(path: str | None = None):
     """AutoTokenizer from a local or gs:// folder (or the offline Qwen3 default)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -126,7 +126,11 @@ class Runner:
     def run(self, seeds: Sequence[int]) -> dict:
         """Plays one episode per seed (episode k uses seeds[k]); returns and writes summary.json."""
         seeds = [int(s) for s in seeds]
-        done = {k: load_finished(self.trace_dir, k) for k in range(len(seeds))}
+        from automem_jax.parallel import hosts
+        # Which episodes are finished, as process 0 reads it: every host resumes the same ones.
+        found = hosts.primary(lambda: [load_finished(self.trace_dir, k) for k in range(len(seeds))],
+                              f"finished episodes {self.trace_dir}")
+        done = dict(enumerate(found))
         for k, ep in done.items():
             if ep is not None and ep.get("seed") != seeds[k]:
                 raise ValueError(f"{self.trace_dir}/ep_{k}.json was played with seed {ep.get('seed')}, "

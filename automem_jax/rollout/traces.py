@@ -4,11 +4,16 @@ Layout under a run folder (local or gs://):
 
     traces/<env>/<task>/ep_<k>.jsonl   one line per env step, flushed as written
     traces/<env>/<task>/ep_<k>.json    the finished episode (its presence marks the episode done)
-    summary.json                       progression mean ± standard error per env/task, tokens, hygiene
+    summary.json                       progression mean ± standard error per env/task, tokens, hygiene,
+                                       run health
 
 A trace line is `StepRecord.to_dict()` (see automem_jax.agent.memory_agent) plus `reward`, `done`,
 `progression`, `info` and `episode`. Lines are ASCII JSON (`ensure_ascii`) because model text may
 hold lone surrogates that UTF-8 cannot encode.
+
+Run health (``health`` in an episode result, per env/task and overall in summary.json) counts the
+steps a run lost to failures rather than to the policy; see ``HealthCounter`` for the definitions
+and ``health_warnings`` for the lines a caller logs when a rate is high.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 from automem_jax import storage
 
@@ -99,6 +105,163 @@ class HygieneCounter:
         }
 
 
+# Error texts meaning the prompt did not fit the model's context. The first alternative is this
+# project's engine ("prompt has N tokens; this engine holds at most M", also relayed by its server
+# as an HTTP 400); the others are the usual OpenAI / vLLM / SGLang wordings ("maximum context
+# length", "context_length_exceeded", "maximum model length", "Input prompt ... is too long").
+_OVERFLOW_RE = re.compile(
+    r"engine holds at most \d+"
+    r"|context[ _-]?(length|window)"
+    r"|max(imum)?[ _-]?model[ _-]?len"
+    r"|\b(prompt|input)\b[^.;]{0,80}\btoo long",
+    re.IGNORECASE)
+
+HEALTH_COUNTS = ("steps", "model_turns", "model_errors", "fallback_actions", "context_overflows")
+HEALTH_THRESHOLD = 0.05  # a rate above this gets a warning (and a flag in the report)
+MAX_ERROR_EXAMPLES = 3
+_EXAMPLE_CHARS = 200
+
+
+def is_context_overflow(error: str | None) -> bool:
+    """Whether a Completion's ``error`` says the prompt was too long for the model's context."""
+    return bool(error) and _OVERFLOW_RE.search(error) is not None
+
+
+class HealthCounter:
+    """Failures of one episode, updated step by step from trace lines.
+
+    - steps: env steps (trace lines).
+    - model_turns: model calls answered, i.e. TurnRecords of LOG and PLAN (both models in a
+      two-model run), failed ones included.
+    - model_errors: turns whose Completion came back with ``error`` set (the agent ends the phase
+      there; a PhaseRecord end_reason "error", or a failed two-model consultation).
+    - fallback_actions: steps whose PLAN committed no action (``plan.fallback``), so the env ran the
+      structure's fallback action instead of the model's.
+    - context_overflows: model errors whose text says the prompt did not fit the context
+      (``is_context_overflow``); a subset of model_errors.
+
+    Nothing trims a prompt to fit the context (EpisodeHistory's window bounds what context blocks
+    look at, and memory pruning is a structure rule; both run whatever the context size), so no
+    trim counts as an overflow. A reply the engine cut short because prompt + reply reached max_len
+    is not in the traces (a Completion has no finish_reason), so it is not counted either.
+    """
+
+    def __init__(self):
+        self.steps = 0
+        self.model_turns = 0
+        self.model_errors = 0
+        self.fallback_actions = 0
+        self.context_overflows = 0
+        self.error_examples: list[str] = []
+
+    def update(self, line: dict) -> None:
+        self.steps += 1
+        self.fallback_actions += int(bool((line.get("plan") or {}).get("fallback")))
+        for phase in ("log", "plan"):
+            for turn in (line.get(phase) or {}).get("turns", []):
+                self.model_turns += 1
+                error = turn.get("error")
+                if error is None:
+                    continue
+                self.model_errors += 1
+                self.context_overflows += int(is_context_overflow(error))
+                _add_example(self.error_examples, error)
+
+    def as_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in HEALTH_COUNTS}, "error_examples": list(self.error_examples)}
+
+
+def _add_example(examples: list[str], error) -> None:
+    text = str(error)[:_EXAMPLE_CHARS]
+    if len(examples) < MAX_ERROR_EXAMPLES and text not in examples:
+        examples.append(text)
+
+
+def _rate(n: int, d: int) -> float | None:
+    return n / d if d else None  # None, not 0: no turns or steps recorded says nothing
+
+
+def health_stats(counts: Mapping, *, episodes: int = 0, episodes_without_health: int = 0,
+                 error_examples: Sequence[str] = ()) -> dict:
+    """The ``health`` entry of a summary from pooled counts (keys HEALTH_COUNTS).
+
+    Rates: model_error_rate = model_errors / model_turns, context_overflow_rate =
+    context_overflows / model_turns, fallback_rate = fallback_actions / steps; None when the
+    denominator is 0. ``episodes_without_health`` counts episode files written before health was
+    recorded: they are left out of every count and rate.
+    """
+    c = {k: int(counts.get(k, 0) or 0) for k in HEALTH_COUNTS}
+    return {
+        "episodes": episodes, "episodes_without_health": episodes_without_health,
+        "steps": c["steps"], "model_turns": c["model_turns"],
+        "model_errors": c["model_errors"], "model_error_rate": _rate(c["model_errors"], c["model_turns"]),
+        "fallback_actions": c["fallback_actions"], "fallback_rate": _rate(c["fallback_actions"], c["steps"]),
+        "context_overflows": c["context_overflows"],
+        "context_overflow_rate": _rate(c["context_overflows"], c["model_turns"]),
+        "error_examples": list(error_examples)[:MAX_ERROR_EXAMPLES],
+    }
+
+
+def _pooled_health(eps: Sequence[dict]) -> dict:
+    counts = dict.fromkeys(HEALTH_COUNTS, 0)
+    examples: list[str] = []
+    recorded = 0
+    for e in eps:
+        h = e.get("health")
+        if not isinstance(h, Mapping):  # an episode file from before health was recorded
+            continue
+        recorded += 1
+        for k in HEALTH_COUNTS:
+            counts[k] += int(h.get(k, 0) or 0)
+        for x in h.get("error_examples") or []:
+            _add_example(examples, x)
+    return health_stats(counts, episodes=recorded, episodes_without_health=len(eps) - recorded,
+                        error_examples=examples)
+
+
+# (rate key, count key, denominator key, what the rate measures, what it likely means)
+_WARNINGS = (
+    ("context_overflow_rate", "context_overflows", "model_turns", "context overflows in {rate} of model turns",
+     "prompts did not fit the engine's context; inference.max_len is likely too small (or memory files / "
+     "context blocks have grown too long)"),
+    ("model_error_rate", "model_errors", "model_turns", "model errors in {rate} of model turns",
+     "requests failed or were refused, ending those LOG/PLAN phases early; check the model server"),
+    ("fallback_rate", "fallback_actions", "steps", "fallback actions on {rate} of steps",
+     "the model committed no action (none within the PLAN budget, or its turn failed), so the structure's "
+     "fallback action was played; progression understates the policy"),
+)
+
+
+def health_warnings(summary: Mapping, threshold: float = HEALTH_THRESHOLD, *, label: str = "") -> list[str]:
+    """One line per env/task and rate above ``threshold`` in a summary from ``summarize``: where, the
+    rate, the count and what it likely means. ``label`` (e.g. the evaluation's folder) starts each
+    line. Summaries or episodes without health counts give no lines."""
+    scopes = []
+    for env, tasks in sorted((summary.get("environments") or {}).items()):
+        if not isinstance(tasks, Mapping):
+            continue
+        for task, t in sorted(tasks.items()):
+            if isinstance(t, Mapping) and isinstance(t.get("health"), Mapping):
+                scopes.append((f"{env}/{task}", t["health"]))
+    if not scopes and isinstance(summary.get("health"), Mapping):
+        scopes.append(("all tasks", summary["health"]))
+    lines = []
+    for scope, h in scopes:
+        for rate_key, count_key, denom_key, what, meaning in _WARNINGS:
+            rate = h.get(rate_key)
+            if not isinstance(rate, (int, float)) or rate <= threshold:
+                continue
+            counts, example = f"{h.get(count_key, '?')} of {h.get(denom_key, '?')}", ""
+            if count_key == "model_errors":
+                if h.get("context_overflows"):
+                    counts += f", {h['context_overflows']} of them context overflows"
+                if h.get("error_examples"):
+                    example = f"; e.g. {h['error_examples'][0]!r}"
+            text = f"{scope}: {what.format(rate=f'{100 * rate:.1f}%')} ({counts}): {meaning}{example}"
+            lines.append(f"{label}: {text}" if label else text)
+    return lines
+
+
 class EpisodeTrace:
     """Writes one episode's JSONL (flushed every step) and, at the end, its JSON result."""
 
@@ -116,6 +279,7 @@ class EpisodeTrace:
         self.local_jsonl = os.path.join(local_dir, f"ep_{index}.jsonl")
         self._f = open(self.local_jsonl, "w", encoding="ascii")  # a restarted episode starts over
         self.hygiene = HygieneCounter()
+        self.health = HealthCounter()
         self.steps = 0
         self.episode_return = 0.0
         self.tokens_in = 0
@@ -131,6 +295,7 @@ class EpisodeTrace:
         self.tokens_out += int(line.get("tokens_out", 0))
         self.actions[line.get("validated_action")] += 1
         self.hygiene.update(line)
+        self.health.update(line)
 
     def finish(self, progression: float, end_reason: str, extra: dict | None = None) -> dict:
         self._f.close()
@@ -148,6 +313,7 @@ class EpisodeTrace:
             "output_tokens": self.tokens_out,
             "action_frequency": dict(self.actions),
             "hygiene": self.hygiene.as_dict(),
+            "health": self.health.as_dict(),
             **(extra or {}),
         }
         # Written last and atomically: its presence is what marks the episode finished.
@@ -192,8 +358,10 @@ def _mean_se(xs: list[float]) -> tuple[float, float]:
 
 
 def summarize(episodes: Iterable[dict]) -> dict:
-    """Run summary: progression mean ± standard error per env and task, tokens, hygiene."""
+    """Run summary: progression mean ± standard error per env and task, tokens, hygiene, and
+    ``health`` (see ``health_stats``) per env/task and over all episodes."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    episodes = list(episodes)  # read twice: per group, then pooled for the overall health
     for ep in episodes:
         groups[(ep["env"], ep["task"])].append(ep)
     envs: dict = {}
@@ -224,6 +392,7 @@ def summarize(episodes: Iterable[dict]) -> dict:
                 "ops_per_step": pooled["ops"] / max(steps, 1),
                 "context_tokens_per_step": ctx / max(steps, 1),
             },
+            "health": _pooled_health(eps),
             "end_reasons": dict(Counter(e["end_reason"] for e in eps)),
             "seeds": sorted(e["seed"] for e in eps),
         }
@@ -234,5 +403,6 @@ def summarize(episodes: Iterable[dict]) -> dict:
         "average_progress": 100 * m, "standard_error": 100 * se,
         "input_tokens": sum(t["input_tokens"] for e in envs.values() for t in e.values()),
         "output_tokens": sum(t["output_tokens"] for e in envs.values() for t in e.values()),
+        "health": _pooled_health(episodes),
         "environments": envs,
     }

@@ -260,6 +260,27 @@ def _chunked_nll(model: Qwen, h, tgt_ids, tgt_w, chunk: int):
     return total
 
 
+def flop_counter(cfg: QwenConfig, *, lora_params: int = 0, frozen_base: bool = False
+                 ) -> Callable[[np.ndarray, int], float]:
+    """f(lengths, targets): training FLOPs of one optimizer step (`QwenConfig.flops_per_token`).
+
+    `lengths` are the examples' real token counts (padding does no useful work); each attends
+    causally over its own length. The vocab projection runs only at the `targets` positions the
+    loss reads (`_chunked_nll`), so it is counted there, not at every token.
+    """
+    kw = dict(lora_params=lora_params, frozen_base=frozen_base)
+    # flops_per_token is linear in seq_len: read its coefficients once (each call traces the model).
+    body = cfg.flops_per_token(0, lm_head=False, **kw)
+    attn = cfg.flops_per_token(1, lm_head=False, **kw) - body
+    head = cfg.flops_per_token(0, **kw) - body
+
+    def flops(lengths, targets: int) -> float:
+        lens = np.asarray(lengths, np.float64)
+        return float(np.sum(body * lens + attn * lens ** 2) + head * targets)
+
+    return flops
+
+
 def _batch_ways(mesh, rules) -> int:
     spec = named_sharding(mesh, ("batch",), rules=rules).spec
     axes = spec[0] if len(spec) else None
@@ -299,6 +320,7 @@ class Trainer:
         self.graphdef, self.params, self.frozen = nnx.split(model, self.trainable, ...)
         self.ckpt = Checkpointer(storage.join(out_dir, "checkpoints"), keep=tcfg.keep)
         self.history: list[dict] = []
+        self._run: dict = {}  # what fit() trains on (dataset hash, total steps), recorded in the meta
         # Flat target gathers only when the batch is not split across devices.
         self._flat = mesh is None or _batch_ways(mesh, rules) == 1
         self._eval_fn = None
@@ -388,10 +410,17 @@ class Trainer:
             log_fn: Callable[[dict], None] | None = None) -> TrainResult:
         """Train to `total_steps`, resuming from the newest good checkpoint in out_dir.
 
+        A checkpoint of a changed run (dataset hash, base_ref, schedule, model or LoRA shape) is
+        refused with CheckpointError, naming what changed.
+
         `stop_after` ends the call after that global step (simulates a preemption in tests).
         """
         t = self.tcfg
         total = self.total_steps(dataset)
+        manifest = getattr(dataset, "manifest", None) or {}
+        self._run = {"total_steps": total,
+                     "dataset": {"hash": manifest.get("hash"), "source": manifest.get("source"),
+                                 "examples": (manifest.get("counts") or {}).get("kept")}}
         tx = make_optimizer(t, total)
         sched = lr_schedule(t, total)
         with self._ctx():
@@ -408,6 +437,7 @@ class Trainer:
             step_fn = self._build_step(tx)
             peak = device_peak_flops(t)
             n_dev = len(self.mesh.devices.flat) if self.mesh is not None else 1
+            step_flops = self._flop_counter() if peak > 0 else None
             step = start
             for step in range(start, total):
                 raw = dataset.batch_at(step, t.global_batch)
@@ -426,9 +456,9 @@ class Trainer:
                        "lr": float(sched(step)), "targets": int(m["targets"]), "tokens": real_tokens,
                        "padded_tokens": int(t.global_batch * T), "seconds": dt,
                        "tokens_per_s": real_tokens / dt if dt > 0 else 0.0}
-                if peak > 0:
-                    row["mfu"] = (6.0 * self.model_cfg.num_params() * real_tokens
-                                  + 3.0 * self._attn_flops(raw)) / (dt * peak * n_dev)
+                if step_flops is not None:
+                    lens = raw["attention_mask"].sum(axis=1)
+                    row["mfu"] = step_flops(lens, row["targets"]) / (dt * peak * n_dev)
                 self.history.append(row)
                 if log_fn is not None:
                     log_fn(row)
@@ -456,16 +486,15 @@ class Trainer:
                            final_loss=self.history[-1]["loss"] if self.history else float("nan"),
                            eval_loss=eval_loss, resumed_from=resumed, checkpoint_dir=self.ckpt.directory)
 
-    def _attn_flops(self, raw) -> float:
-        c = self.model_cfg
-        lens = raw["attention_mask"].sum(axis=1).astype(np.float64)
-        # QK^T and PV, causal: 2 matmuls * 2 flops * L^2/2 * heads * head_dim per layer.
-        return float(np.sum(2.0 * lens ** 2 * c.num_heads * c.head_dim * c.num_layers))
+    def _flop_counter(self):
+        # Adapters train in either mode; in LoRA mode the base gets no weight gradients.
+        n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(self.model, nnx.LoRAParam)))
+        return flop_counter(self.model_cfg, lora_params=n_lora, frozen_base=self.tcfg.mode == "lora")
 
     def _meta(self, step: int | None = None) -> dict:
         return {"step": step, "mode": self.tcfg.mode, "train_config": dataclasses.asdict(self.tcfg),
                 "model_config": dataclasses.asdict(self.model_cfg), "base_ref": self.base_ref,
-                "history": list(self.history)}
+                **self._run, "history": list(self.history)}
 
     def _write_log(self) -> None:
         if jax.process_index() != 0:
