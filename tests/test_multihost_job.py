@@ -1,7 +1,8 @@
 """The README's main command on 2 processes x 2 CPU devices, as on a 2-host pod.
 
 Both processes run `python -m launch.tpu_run` with `jax.distributed` (coordinator on 127.0.0.1,
-gloo collectives). The reference is the same config as one process over 4 CPU devices. A scripted
+gloo collectives). The reference is the same config as one process over 4 CPU devices, with its
+workdir on gs:// (the GCS emulator), so it is also the end-to-end run of every phase on GCS. A scripted
 HTTP critic answers Loop 1's proposal and Loop 2's judge batches for both runs, and counts them.
 The 2-process run loses process 1 (SIGKILL) in the middle of Loop 2's training; both commands are
 run again and must resume from the same checkpoint step and finish. Then: both exit 0; the
@@ -119,16 +120,23 @@ def _stable(obj, wd: str, approx: bool = False):
 
 
 def _jsonl(path: str) -> list[dict]:
-    return [json.loads(x) for x in open(path) if x.strip()]
+    from automem_jax import storage
+    return [json.loads(x) for x in storage.read_text(path).splitlines() if x.strip()]
 
 
-def test_two_process_main_job_matches_one_process_and_survives_losing_a_host(tmp_path):
-    ref, wd = str(tmp_path / "one"), str(tmp_path / "two")
+def _json(path: str):
+    from automem_jax import storage
+    return json.loads(storage.read_text(path))
+
+
+def test_two_process_main_job_matches_one_process_and_survives_losing_a_host(tmp_path, gcs_emulator):
+    from automem_jax import storage
+    ref, wd = f"{gcs_emulator}/runs/one", str(tmp_path / "two")
     logs = [str(tmp_path / "p0.log"), str(tmp_path / "p1.log")]
     with ScriptedCriticServer([_critic_reply] * 200) as srv:
-        # The reference: one process owning all 4 devices.
-        r = subprocess.run(_cmd(ref, srv.base_url), cwd=REPO, env=_env(4), capture_output=True, text=True,
-                           timeout=TIMEOUT_S)
+        # The reference: one process owning all 4 devices, its workdir on the GCS emulator.
+        r = subprocess.run(_cmd(ref, srv.base_url), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S,
+                           env=_env(4, {"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}))
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
         ref_calls = [_kind(b) for b in srv.requests]
         del srv.requests[:]
@@ -174,42 +182,53 @@ def test_two_process_main_job_matches_one_process_and_survives_losing_a_host(tmp
 
     # Written once, by process 0, and the same as one process over the same 4 devices.
     for path in (("eval", "baseline", "summary.json"),):
-        a, b = (json.load(open(os.path.join(d, *path))) for d in (ref, wd))
+        a, b = (_json(storage.join(d, *path)) for d in (ref, wd))
         assert _stable(b, wd) == _stable(a, ref, approx=True), path
     for path in (("structures", "archive.jsonl"), ("ledger.jsonl",)):
-        a, b = (_jsonl(os.path.join(d, *path)) for d in (ref, wd))
+        a, b = (_jsonl(storage.join(d, *path)) for d in (ref, wd))
         assert len(b) == len(a) and _stable(b, wd) == _stable(a, ref, approx=True), path
     for phase in ("bootstrap", "baseline", "loop1", "collect", "loop2", "final_eval", "export", "report"):
         assert os.path.exists(os.path.join(wd, "phases", phase, "DONE")), phase
     assert not [n for _, _, files in os.walk(wd) for n in files if n.startswith(".tmp-")]
-    _check_artifacts(ref)
+    _check_artifacts(ref, str(tmp_path / "export"))
 
 
-def _check_artifacts(wd: str) -> None:
-    """What a user takes from a finished run: traces, archive, datasets, ledger, report, export."""
+def _check_artifacts(wd: str, local: str) -> None:
+    """What a user takes from a finished run (here on gs://): traces, archive, datasets, ledger,
+    checkpoints, report and the export, which loads in transformers."""
+    from automem_jax import storage
+
     def exists(*parts):
-        return os.path.exists(os.path.join(wd, *parts))
-    assert exists("traces_collect", "traces", "craftax", "Craftax-Classic", "ep_0.jsonl")
-    archive = _jsonl(os.path.join(wd, "structures", "archive.jsonl"))
+        return storage.exists(storage.join(wd, *parts))
+    for phase in ("bootstrap", "baseline", "loop1", "collect", "loop2", "final_eval", "export", "report"):
+        assert exists("phases", phase, "DONE"), phase
+    for path in ("config.json", "bootstrap/tokenizer/tokenizer.json", "traces_collect/traces/craftax/Craftax-Classic/"
+                 "ep_0.jsonl", "datasets/0/selected.jsonl", "datasets/0/review_decisions.jsonl",
+                 "export/hf/config.json", "export/hf/model.safetensors", "export/hf/tokenizer.json",
+                 "export/peft/adapter_config.json"):
+        assert exists(*path.split("/")), path
+    assert storage.listdir(storage.join(wd, "loop2", "0", "train", "checkpoints"))
+    archive = _jsonl(storage.join(wd, "structures", "archive.jsonl"))
     assert archive and all("status" in row for row in archive)
-    assert exists("datasets", "0", "selected.jsonl") and exists("datasets", "0", "review_decisions.jsonl")
-    ledger = _jsonl(os.path.join(wd, "ledger.jsonl"))
+    ledger = _jsonl(storage.join(wd, "ledger.jsonl"))
     assert len(ledger) == 1 and ledger[0]["n_examples"] >= 1
-    summary = json.load(open(os.path.join(wd, "eval", "final", "summary.json")))
+    summary = _json(storage.join(wd, "eval", "final", "summary.json"))
     assert {"model_error_rate", "fallback_rate", "context_overflow_rate"} <= set(summary["health"])
-    report = open(os.path.join(wd, "report", "index.md")).read()
+    report = storage.read_text(storage.join(wd, "report", "index.md"))
     assert "baseline" in report.lower() and "redundant" in report.lower() and "fallback" in report.lower()
-    assert any(n.endswith(".png") for n in os.listdir(os.path.join(wd, "report")))
+    assert any(n.endswith(".png") for n in storage.listdir(storage.join(wd, "report")))
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    hf_model = AutoModelForCausalLM.from_pretrained(os.path.join(wd, "export", "hf"))
+    os.makedirs(local)
+    for name in storage.listdir(storage.join(wd, "export", "hf")):
+        storage.download_file(storage.join(wd, "export", "hf", name), os.path.join(local, name))
+    hf_model = AutoModelForCausalLM.from_pretrained(local)
     # The bootstrap's domain tokenizer travels with the export and matches the model's vocabulary.
-    tok = AutoTokenizer.from_pretrained(os.path.join(wd, "export", "hf"))
+    tok = AutoTokenizer.from_pretrained(local)
     assert len(tok) <= hf_model.config.vocab_size <= 4096 and hf_model.config.eos_token_id == tok.eos_token_id
     ids = tok.apply_chat_template([{"role": "user", "content": "<|READ|>strategy.txt<|END|>"}],
                                   add_generation_prompt=True, return_dict=True)["input_ids"]
     with torch.no_grad():
         logits = hf_model(torch.tensor([ids])).logits
     assert torch.isfinite(logits).all()
-    assert exists("export", "peft", "adapter_config.json")

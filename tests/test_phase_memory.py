@@ -8,6 +8,7 @@ layout's buffers (sharded over fsdp). The same probe first reads the engines' bu
 shown to see them (they replicate the weights over the serving mesh, so they count several copies).
 """
 
+import gc
 import importlib
 import json
 import threading
@@ -34,7 +35,8 @@ def _live_bytes() -> int:
 
 
 class _Peak:
-    def __init__(self):
+    def __init__(self, base: int):
+        self.base = base
         self.peak, self.at_load, self._stop = 0, None, threading.Event()
         self.lock = threading.Lock()  # a sample's array list holds the arrays alive while it is taken
         self._t = threading.Thread(target=self._loop, daemon=True)
@@ -42,7 +44,7 @@ class _Peak:
     def _loop(self):
         while not self._stop.is_set():
             with self.lock:
-                self.peak = max(self.peak, _live_bytes())
+                self.peak = max(self.peak, _live_bytes() - self.base)
             self._stop.wait(0.005)
 
     def __enter__(self):
@@ -52,7 +54,7 @@ class _Peak:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, _live_bytes())
+        self.peak = max(self.peak, _live_bytes() - self.base)
 
 
 def test_loop2_training_holds_at_most_two_model_copies(tmp_path, monkeypatch):
@@ -67,6 +69,8 @@ def test_loop2_training_holds_at_most_two_model_copies(tmp_path, monkeypatch):
     t.max_steps, t.batch_size, t.grad_accum, t.loss_chunk, t.target_multiple = 2, 8, 1, 32, 32
     cfg.loop2.data.cutoff_len, cfg.loop2.data.bucket_multiple = 128, 32
     run = Run(cfg, str(tmp_path / "run"))
+    gc.collect()
+    before = _live_bytes()  # what earlier tests in this process left alive is not ours to count
 
     # The previous iteration's specialist: a saved folder the engine loads as a second model.
     model, mcfg = run.load_model("")
@@ -76,7 +80,7 @@ def test_loop2_training_holds_at_most_two_model_copies(tmp_path, monkeypatch):
     del model
     run.engine("")
     run.engine(spec)
-    with_engines = _live_bytes()
+    with_engines = _live_bytes() - before
     assert with_engines >= 2 * copy_bytes, (with_engines, copy_bytes)  # the probe sees both engines
 
     data = tmp_path / "dataset"
@@ -87,12 +91,12 @@ def test_loop2_training_holds_at_most_two_model_copies(tmp_path, monkeypatch):
         for i in range(8)]
     storage.write_text(str(data / "selected.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     # The peak counts from the moment the unit loads its model (on_accelerator has released by then).
-    probe = _Peak()
+    probe = _Peak(before)
     load = Run.load_model
 
     def load_and_reset(self, source):
         with probe.lock:
-            probe.peak, probe.at_load = 0, _live_bytes()
+            probe.peak, probe.at_load = 0, _live_bytes() - before
         return load(self, source)
 
     monkeypatch.setattr(Run, "load_model", load_and_reset)

@@ -77,9 +77,13 @@ def test_forward_and_optimizer_step_match_single_device(scan):
     assert abs(loss_s - loss_1) < 1e-5
     after_1, after_s = _flat(single), _flat(sharded)
     for k in after_1:
-        # Adam moves each weight by at most ~lr; 1% of lr bounds reduction-order noise on
-        # near-zero gradients, which Adam normalises up to full size.
-        np.testing.assert_allclose(np.asarray(after_s[k]), np.asarray(after_1[k]), atol=1e-2 * LR, err_msg=k)
+        # Adam moves each weight by about lr * g / (|g| + eps): 1% of lr bounds reduction-order noise
+        # where |g| is well above eps; where it is not (|g| within 10 eps) the 1e-6 gradient noise
+        # can move the update by a good part of lr, so there only the ~lr bound holds.
+        g = np.abs(np.asarray(grads_1[k])) if k in grads_1 else np.zeros(np.shape(after_1[k]))
+        tol = np.where(g > 1e-5, 1e-2 * LR, 2 * LR)
+        diff = np.abs(np.asarray(after_s[k]) - np.asarray(after_1[k]))
+        assert np.all(diff <= tol), (k, float(np.max(diff - tol)))
         assert after_s[k].sharding.spec == _flat(sharded)[k].sharding.spec
     # The step changed the weights (the comparison above is not of two untouched models).
     assert not np.allclose(np.asarray(after_1["embed_tokens"]), np.asarray(ref0["embed_tokens"]))
