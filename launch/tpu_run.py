@@ -236,6 +236,8 @@ def _check_tokenizer(cfg, model_cfg):
     else:
         field = "tokenizer" if src == cfg.tokenizer else "tokenizer (defaulting to model.checkpoint)"
 
+    # pkg:<name> and .gguf tokenizers come from metadata that load_tokenizer reads; its errors follow.
+    if src is not None and not src.startswith("pkg:") and not src.lower().endswith(".gguf"):
         def markers():
             if not storage.is_gcs(src) and not os.path.isdir(src):
                 raise FileNotFoundError("no such folder")

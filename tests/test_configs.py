@@ -64,7 +64,7 @@ def tiny_flat():
     return _flat(importlib.import_module("configs.tiny").get_config())
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(CONFIGS) + ["crafter_qwen25_05b"])
 def test_schema_matches_tiny(name, tiny_flat):
     _, cfg = _load(name)
     flat = _flat(cfg)
@@ -319,3 +319,163 @@ def test_inference_flags_fail_before_the_workdir_is_written(flag, msg, tmp_path)
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
     assert not wd.exists()
+
+
+# --- configs/crafter_qwen25_05b.py: the real protocol with a 0.5B checkpoint on one GPU -----------
+
+SMALL_05B = "crafter_qwen25_05b"
+PLACEHOLDER_URL, PLACEHOLDER_MODEL = "https://YOUR_CRITIC_ENDPOINT/v1", "YOUR_CRITIC_MODEL"
+
+
+def _load_05b(monkeypatch):
+    for var in ("AUTOMEM_CRITIC_BASE_URL", "AUTOMEM_CRITIC_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    return _load(SMALL_05B)
+
+
+def test_05b_runs_the_real_protocol(monkeypatch):
+    from automem_jax.llm import layout
+    module, c = _load_05b(monkeypatch)
+    assert c.model.checkpoint == "pkg:qwen2.5-coder-0.5b-instruct" and c.model.preset == "qwen2.5-0.5b"
+    assert c.tokenizer == ""  # the checkpoint's own tokenizer and chat template
+    # No scripted teacher in the loops; critic and judge are one OpenAI-compatible endpoint.
+    assert c.collect.policy == "base" and c.critic.kind == "openai" and c.loop2.judge == "critic"
+    assert (c.critic.base_url, c.critic.model) == (PLACEHOLDER_URL, PLACEHOLDER_MODEL)
+    # Bootstrap off by default, and --config.bootstrap.enabled=True alone turns it on.
+    assert not c.bootstrap.enabled and "bootstrap" in c.phases.split(",")
+    assert c.bootstrap.train.mode == "lora" and c.bootstrap.tokenizer_vocab == 0
+    boot = set(_parse_seeds(c.bootstrap.seeds))
+    assert not boot & set(_parse_seeds(c.eval.seeds)) and max(boot) < 1000  # collect seeds are >= 1000
+    # Upstream's Crafter seeds, shorter episodes (the docstring says why).
+    assert c.env.name == "crafter" and _parse_seeds(c.eval.seeds) == list(range(42, 52))
+    assert c.env.max_steps == c.collect.max_steps == 200
+    assert c.inference.max_batch >= 2 * c.env.num_envs and c.inference.max_len == 32768
+    for sec in ("bootstrap", "loop2"):
+        TrainConfig.from_dict({**c[sec].train.to_dict(), "remat": c[sec].train.remat or None})
+        DataConfig(**c[sec].data.to_dict())
+    loop2 = TrainConfig.from_dict({**c.loop2.train.to_dict(), "remat": c.loop2.train.remat or None})
+    assert loop2.global_batch == 32 and (loop2.lora_rank, loop2.lora_targets) == (256, "ATTN")
+    assert module.TARGET_DEVICES == 1
+    assert MeshConfig.from_any(c.mesh.to_dict()).axis_sizes(1) == {"data": 1, "fsdp": 1, "tensor": 1}
+    # Both engines of the two-model evaluation fit the GPU it names.
+    mem = layout.serving_memory_for_config(c, module.TARGET_DEVICES, engines=2)
+    device = layout.device_memory(c.inference.device_kind)
+    mem.check(device, headroom=0.9)
+    assert mem["total"] < 16 * GiB, mem.describe()
+
+
+def test_05b_critic_endpoint_from_the_environment(monkeypatch):
+    monkeypatch.setenv("AUTOMEM_CRITIC_BASE_URL", "http://127.0.0.1:8001/v1")
+    monkeypatch.setenv("AUTOMEM_CRITIC_MODEL", "critic")
+    _, c = _load(SMALL_05B)
+    assert (c.critic.base_url, c.critic.model) == ("http://127.0.0.1:8001/v1", "critic")
+
+
+def test_05b_placeholders_are_refused_then_accepted(monkeypatch):
+    """The launcher names each unfilled critic field; filled in, the config validates."""
+    from absl import app
+
+    from launch import tpu_run
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
+    _, c = _load_05b(monkeypatch)
+    c.model.checkpoint = ""  # the preset's shapes and the offline Qwen3 tokenizer: no packaged weights needed
+    phases = c.phases.split(",")
+    with pytest.raises(app.UsageError, match=r"critic\.base_url 'https://YOUR_CRITIC_ENDPOINT/v1' is a placeholder; "
+                                             r"pass --config\.critic\.base_url=\.\.\."):
+        tpu_run.validate_config(c, phases)
+    c.critic.base_url = "http://127.0.0.1:8001/v1"
+    with pytest.raises(app.UsageError, match=r"critic\.model 'YOUR_CRITIC_MODEL' is a placeholder"):
+        tpu_run.validate_config(c, phases)
+    c.critic.model = "critic"
+    tpu_run.validate_config(c, phases)
+    # A local server without auth (the docstring's command): no key variable at all.
+    c.critic.api_key_env = ""
+    monkeypatch.delenv("OPENAI_API_KEY")
+    tpu_run.validate_config(c, phases)
+    # Phases without the critic do not need it filled in.
+    _, c = _load_05b(monkeypatch)
+    c.model.checkpoint = ""
+    tpu_run.validate_config(c, ["bootstrap", "baseline"])
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory):
+    """A Qwen2.5-architecture HF folder from a random, shrunk preset, with the offline Qwen3
+    tokenizer (151,669 tokens in a 151,936-row embedding): stands in for the packaged checkpoint."""
+    from automem_jax.models import hf
+    from automem_jax.models.tokenizer import load_tokenizer
+    folder = str(tmp_path_factory.mktemp("random_qwen25"))
+    cfg = qwen.preset("qwen2.5-0.5b", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    hf.save_pretrained(qwen.init_model(cfg, seed=0), cfg, folder, tokenizer=load_tokenizer())
+    return folder
+
+
+def test_05b_bootstrap_with_a_checkpoint_validates(random_checkpoint, monkeypatch):
+    from launch import tpu_run
+    _, c = _load_05b(monkeypatch)
+    c.model.checkpoint = random_checkpoint
+    c.bootstrap.enabled = True
+    c.bootstrap.tokenizer_vocab = 4096  # ignored with a checkpoint: its own vocabulary is checked
+    model_cfg = tpu_run.validate_config(c, ["bootstrap", "baseline"])
+    assert model_cfg.hidden_size == 64 and model_cfg.vocab_size == 151936
+
+
+@pytest.mark.slow  # ~80 s: two subprocess phases, a LoRA fit and an engine on CPU
+def test_05b_bootstrap_warm_starts_the_checkpoint(random_checkpoint, tmp_path):
+    """`--phases=bootstrap,baseline` with model.checkpoint: teacher traces in the checkpoint's chat
+    template, LoRA merged into bootstrap/model (a HF folder with the checkpoint's vocabulary, no
+    domain tokenizer), and the baseline plays that folder."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from automem_jax.models.tokenizer import load_tokenizer
+    wd = tmp_path / "run"
+    flags = [
+        f"--config.model.checkpoint={random_checkpoint}", "--config.bootstrap.enabled=True",
+        "--config.bootstrap.tokenizer_vocab=4096",  # asked for, and ignored: a checkpoint keeps its tokenizer
+        "--config.bootstrap.seeds=100-101", "--config.bootstrap.max_steps=6",
+        "--config.bootstrap.train.max_steps=4", "--config.bootstrap.train.batch_size=4",
+        "--config.bootstrap.train.grad_accum=1", "--config.bootstrap.train.learning_rate=1e-3",
+        "--config.bootstrap.data.cutoff_len=4096",
+        "--config.eval.seeds=42-43", "--config.env.max_steps=3", "--config.env.num_envs=2",
+        "--config.inference.max_tokens=32", "--config.inference.max_batch=4", "--config.inference.max_len=4096",
+        "--config.inference.cache_tokens=0", "--config.inference.device_kind=",
+    ]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    for var in ("AUTOMEM_CRITIC_BASE_URL", "AUTOMEM_CRITIC_MODEL"):
+        env.pop(var, None)
+    r = subprocess.run([sys.executable, "-m", "launch.tpu_run", f"--config=configs/{SMALL_05B}.py",
+                        f"--workdir={wd}", "--phases=bootstrap,baseline", *flags],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+
+    model_dir = wd / "bootstrap" / "model"
+    assert (model_dir / "DONE").exists() and not (wd / "bootstrap" / "tokenizer").exists()
+    hf_cfg = json.loads((model_dir / "config.json").read_text())
+    src_cfg = json.loads(open(os.path.join(random_checkpoint, "config.json")).read())
+    assert hf_cfg["vocab_size"] == src_cfg["vocab_size"] == 151936
+    assert hf_cfg["model_type"] == "qwen2" and hf_cfg["hidden_size"] == 64
+    tok, src_tok = load_tokenizer(str(model_dir)), load_tokenizer(random_checkpoint)
+    assert len(tok) == len(src_tok) and tok.chat_template == src_tok.chat_template
+    # The dataset was rendered with the checkpoint's tokenizer; the LoRA fit is merged into the weights.
+    manifest = json.loads((wd / "bootstrap" / "dataset" / "info.json").read_text())
+    assert manifest["vocab_size"] == len(src_tok) and manifest["counts"]["kept"] > 0
+    info = json.loads((model_dir / "info.json").read_text())
+    assert info["steps"] == 4
+    new, old = load_file(str(model_dir / "model.safetensors")), load_file(os.path.join(random_checkpoint,
+                                                                                         "model.safetensors"))
+    assert set(new) == set(old) and not any(k.endswith("lora_A") for k in new)
+    # Both in the run's storage dtype (bf16; the random checkpoint was saved in f32).
+    changed = [k for k in new if not np.array_equal(new[k], old[k].astype(new[k].dtype))]
+    assert any("q_proj.weight" in k for k in changed), changed  # ALL targets: attention and mlp adapters
+    assert not any("embed_tokens" in k for k in changed)  # LoRA leaves the embedding alone
+
+    # The baseline played bootstrap/model, not the checkpoint.
+    summary = json.loads((wd / "eval" / "baseline" / "summary.json").read_text())
+    assert summary["episodes"] == 2
+    assert "bootstrap/model" in r.stdout and f"engine {model_dir}" in r.stdout, r.stdout[-3000:]

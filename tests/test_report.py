@@ -91,7 +91,15 @@ def _check_full(root, index_path):
     assert "| empty-search rate | 30.0% | 20.0% |" in text
     assert "| invalid-action rate | 5.0% | 2.0% |" in text
     assert "| context tokens / step | 800 | 600 | -200 (-25%) |" in text
-    assert "Redundant memory writes went from 40.0% of writes at baseline to 10.0%" in text
+    # Headline: progression (mean ± SE, signed change) comes before the hygiene figure.
+    assert ("**Result (baseline → final, mean ± SE over 5 baseline / 5 final episodes):** progression rose, "
+            "10.00 ± 2.00% → 22.50 ± 3.00% (+12.50 points; the difference's SE is 3.61, so the change is beyond "
+            "two SEs); redundant memory writes 40.0% → 10.0% of writes (-30.0 points).") in text
+    # This config.json predates collect.policy / loop2.judge / bootstrap: named, not guessed.
+    assert "- **collect.policy (Loop-2 training traces)**: not recorded" in text
+    assert "- **Loop-2 judge**: not recorded" in text and "- **bootstrap**: not recorded" in text
+    assert "- **Loop-1 critic**: `heuristic` (offline, rule-based; no LLM)" in text
+    assert "> `collect.policy` not recorded: whether Loop 2 trained on the scripted teacher's traces" in text
     # Loop 1 candidates, Loop 2 iterations, hygiene rows, tokens.
     assert "r1-c1" in text and "accepted" in text and "ops.log: +UPSERT_MAP" in text
     assert "validate: prompts.plan missing {memory}" in text
@@ -154,12 +162,22 @@ def test_empty_workdir_and_garbage_files(tmp_path):
 
 
 def test_multi_task_final_table(tmp_path):
+    """Every task's progression with its signed change, and the headline names a task that fell even
+    when the mean rose."""
     root = str(tmp_path / "run")
     tasks = ("Corridor-R3", "Quest-Easy")
-    _write(root, "eval/baseline/summary.json", _summary(20.0, 5.0, 0.4, 0.3, 1.5, 800, 0.05, tasks))
-    _write(root, "eval/final/summary.json", _summary(40.0, 6.0, 0.2, 0.3, 1.5, 800, 0.05, tasks))
+    base = _summary(20.0, 5.0, 0.4, 0.3, 1.5, 800, 0.05, tasks)
+    final = _summary(40.0, 6.0, 0.2, 0.3, 1.5, 800, 0.05, tasks)
+    final["environments"]["craftax"]["Corridor-R3"]["progression_percentage"] = 15.0
+    _write(root, "eval/baseline/summary.json", base)
+    _write(root, "eval/final/summary.json", final)
     text = storage.read_text(report.build_report(root, plots=False))
-    assert "| craftax/Quest-Easy | 20.00 ± 5.00 | 40.00 ± 6.00 |" in text
+    assert ("| task | baseline progression % ± SE | final progression % ± SE | change | redundant-write rate |"
+            in text)
+    assert "| craftax/Quest-Easy | 20.00 ± 5.00 | 40.00 ± 6.00 | +20.00 | 40.0% → 20.0% |" in text
+    assert "| craftax/Corridor-R3 | 20.00 ± 5.00 | 15.00 ± 6.00 | -5.00 | 40.0% → 20.0% |" in text
+    assert "progression rose, 20.00 ± 5.00% → 40.00 ± 6.00%" in text
+    assert "Progression fell in 1 of 2 tasks: craftax/Corridor-R3." in text
 
 
 def test_cli(tmp_path):
@@ -224,3 +242,198 @@ def test_run_health_rates_and_flags(tmp_path):
     assert "| context-overflow rate (per model turn) | 6.0% ⚠ | 0.0% | -6.0 pt (-100%) |" in text
     assert "| fallback-action rate (per step) | 10.0% ⚠ | 0.0% | -10.0 pt (-100%) |" in text
     assert "| model-error rate (per model turn) | 10.0% ⚠ | 0.0% |" in text
+
+
+TINY_TEACHER_CONFIG = {
+    "model": {"preset": "tiny", "checkpoint": "", "dtype": "float32", "param_dtype": "float32"},
+    "env": {"name": "craftax", "max_steps": 8}, "eval": {"seeds": "42-49"}, "final_eval": {"seeds": ""},
+    "critic": {"kind": "heuristic", "model": "", "base_url": ""},
+    "loop1": {"revisions": 1, "accept": "strict"},
+    "bootstrap": {"enabled": True, "seeds": "100-115", "max_steps": 24, "redundant_write_rate": 0.7,
+                  "useless_read_rate": 0.2, "train": {"mode": "full", "epochs": 6.0, "max_steps": 0}},
+    "collect": {"policy": "teacher", "episodes": 48}, "loop2": {"judge": "critic"},
+    "phases": "bootstrap,baseline,loop1,collect,loop2,final_eval,export,report",
+}
+
+
+def _final_section(text):
+    return text.split("## Final system against the baseline\n\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_teacher_demo_says_what_it_is(tmp_path):
+    """The tiny demo's shape: Loop 2 trained on the scripted teacher's traces, progression fell while
+    redundant writes dropped. The report names the set-up, leads with the progression drop and says
+    next to the result that the hygiene drop is the teacher's planted habit being filtered."""
+    root = str(tmp_path / "run")
+    _write(root, "config.json", TINY_TEACHER_CONFIG)
+    _write(root, "eval/baseline/summary.json", _summary(1.14, 0.80, 0.70, 0.30, 2.0, 500, 0.0))
+    _write(root, "eval/final/summary.json", _summary(0.0, 0.0, 0.05, 0.30, 1.0, 400, 0.0))
+    _write(root, "ledger.jsonl", [{"iteration": 0, "n_examples": 30, "progression_mean": 0.0,
+                                   "progression_se": 0.0, "hygiene": {"redundant_write_rate": 0.05}}])
+    _write(root, "phases/bootstrap/result.json", {"examples": 300, "train": {"steps": 42, "first_loss": 7.0}})
+    _write(root, "phases/collect/result.json", {"policy": "teacher", "episodes": 48})
+    _write(root, "phases/final_eval/result.json", {"iteration": 0})
+    text = storage.read_text(report.build_report(root, plots=False))
+
+    setup = text.split("## Run setup\n\n", 1)[1].split("\n## ", 1)[0]
+    assert setup.splitlines()[:13] == [
+        "- **model**: preset `tiny`, random init",
+        "- **base policy**: `bootstrap/model`: the model above after the bootstrap fine-tune",
+        "- **collect.policy (Loop-2 training traces)**: `teacher`: the scripted teacher "
+        "(automem_jax/loops/teacher.py), not the base policy, played the traces Loop 2 mines; 48 episode(s)",
+        "- **Loop-1 critic**: `heuristic` (offline, rule-based; no LLM); 1 revision(s), strict acceptance",
+        "- **Loop-2 judge**: `heuristic` (offline, rule-based; loop2.judge=critic and critic.kind=heuristic)",
+        "- **bootstrap**: on: full fine-tune on the scripted teacher's Craftax traces (seeds 100-115, 24 steps "
+        "each; planted redundant-write rate 0.7, useless-read rate 0.2); configured 6 epoch(s); ran 42 step(s) "
+        "on 300 example(s)",
+        "- **eval seeds**: 42-49",
+        "- **final-eval seeds**: same as eval seeds",
+        "- **environment**: craftax",
+        "- **max steps / episode**: 8",
+        "- **dtype / param dtype**: float32 / float32",
+        "- **mesh**: not recorded",
+        "- **phases**: bootstrap,baseline,loop1,collect,loop2,final_eval,export,report",
+    ]
+    assert setup.splitlines()[14] == ("⚠ This run is the scripted-teacher demonstration (`collect.policy=teacher`): "
+                                      "read the note under the result before any redundant-write figure.")
+
+    final = _final_section(text).splitlines()
+    # First the progression drop, with the hygiene figure after it and the trade-off spelled out ...
+    assert final[0] == (
+        "**Result (baseline → final, mean ± SE over 5 baseline / 5 final episodes):** progression fell, "
+        "1.14 ± 0.80% → 0.00 ± 0.00% (-1.14 points; the difference's SE is 0.80, so the change is within two "
+        "SEs); redundant memory writes 70.0% → 5.0% of writes (-65.0 points). The cleaner memory came with "
+        "less progression.")
+    # ... then, before any table, what the redundant-write drop is.
+    assert final[1] == ""
+    note = final[2]
+    assert note.startswith("> ⚠ **Scripted-teacher demonstration: the redundant-write drop is built in.**")
+    for phrase in ("traces played by the scripted teacher (`collect.policy=teacher`)",
+                   "`bootstrap.redundant_write_rate=0.7`",
+                   "selection filters exactly those turns out (the heuristic judge rejects every turn with a "
+                   "redundant write)", "the teacher's planted habit being filtered out",
+                   "is not evidence that the method works", "only a run with `collect.policy=base` tests the method",
+                   "The base policy learned the same habit from the teacher in `bootstrap`"):
+        assert phrase in note, phrase
+    assert final[4] == ("Final system: Loop-2 iteration 0's specialist with the best Loop-1 structure. "
+                        "Baseline: `eval/baseline`.")
+    assert "| progression % ± SE | 1.14 ± 0.80 | 0.00 ± 0.00 | -1.14 (-100%) |" in final
+
+
+def test_teacher_collect_without_a_loop2_iteration(tmp_path):
+    """collect.policy=teacher but Loop 2 trained nothing: the note says nothing here measures Loop 2."""
+    root = str(tmp_path / "run")
+    _write(root, "config.json", TINY_TEACHER_CONFIG)
+    _write(root, "eval/baseline/summary.json", _summary(1.0, 0.5, 0.70, 0.30, 2.0, 500, 0.0))
+    _write(root, "eval/final/summary.json", _summary(1.0, 0.5, 0.70, 0.30, 2.0, 500, 0.0))
+    _write(root, "phases/final_eval/result.json", {"iteration": None})
+    final = _final_section(storage.read_text(report.build_report(root, plots=False)))
+    assert "progression did not change, 1.00 ± 0.50% → 1.00 ± 0.50% (+0.00 points;" in final
+    assert ("> ⚠ **Scripted-teacher demonstration.** `collect.policy=teacher`, but no Loop-2 iteration was trained, "
+            "so the final system is the base policy with the best Loop-1 structure; nothing here measures Loop 2."
+            in final)
+    assert "the redundant-write drop is built in" not in final
+    assert "Final system: the base policy with the best Loop-1 structure (no Loop-2 iteration)." in final
+
+
+def test_base_policy_run_has_no_teacher_note(tmp_path):
+    """collect.policy=base with an LLM critic judging Loop 2 and no bootstrap: nothing planted, no note."""
+    root = str(tmp_path / "run")
+    _write(root, "config.json", {
+        "model": {"preset": "qwen2.5-7b", "checkpoint": "gs://b/models/Qwen2.5-7B-Instruct"},
+        "eval": {"seeds": "42-51"}, "final_eval": {"seeds": "60-69"},
+        "critic": {"kind": "openai", "model": "gpt-x", "base_url": "https://api.example/v1", "use_tools": True},
+        "loop1": {"revisions": 5, "accept": "bootstrap"},
+        "bootstrap": {"enabled": False}, "collect": {"policy": "base", "episodes": 100},
+        "loop2": {"judge": "critic"}})
+    _write(root, "eval/baseline/summary.json", _summary(10.0, 2.0, 0.40, 0.30, 1.5, 800, 0.05))
+    # final_eval ran on other seeds, so it replayed the baseline there: that is the comparison.
+    _write(root, "eval/final_baseline/summary.json", _summary(12.0, 1.0, 0.30, 0.30, 1.5, 800, 0.05))
+    _write(root, "eval/final/summary.json", _summary(15.0, 1.0, 0.20, 0.30, 1.5, 800, 0.05))
+    text = storage.read_text(report.build_report(root, plots=False))
+    assert "- **model**: checkpoint `gs://b/models/Qwen2.5-7B-Instruct`" in text
+    assert "- **base policy**: the model above" in text
+    assert ("- **collect.policy (Loop-2 training traces)**: `base`: the base policy played the traces Loop 2 "
+            "mines (upstream's setting); 100 episode(s)") in text
+    assert ("- **Loop-1 critic**: `openai`: model `gpt-x` at `https://api.example/v1`, tool calls on; "
+            "5 revision(s), bootstrap acceptance") in text
+    assert ("- **Loop-2 judge**: the Loop-1 critic, `openai`: model `gpt-x` at `https://api.example/v1`, "
+            "tool calls on") in text
+    assert "- **bootstrap**: off (the base policy is the model as loaded)" in text
+    assert "- **final-eval seeds**: 60-69" in text
+    assert "teacher" not in text.lower()
+    final = _final_section(text)
+    assert not any(line.startswith(">") for line in final.splitlines())
+    assert "progression rose, 12.00 ± 1.00% → 15.00 ± 1.00% (+3.00 points;" in final
+    assert "Baseline: `eval/final_baseline`." in final
+    assert "Final system: not recorded (no `phases/final_eval/result.json`)." in final
+
+
+def test_old_config_renders_not_recorded(tmp_path):
+    """A config.json written before these fields existed still renders; the collect phase's own record
+    of its policy stands in for the config's."""
+    root = str(tmp_path / "run")
+    _write(root, "config.json", {"model": {"preset": "tiny"}, "eval": {"seeds": "42-45"}})
+    _write(root, "eval/baseline/summary.json", _summary(5.0, 1.0, 0.5, 0.3, 1.5, 800, 0.05))
+    _write(root, "eval/final/summary.json", _summary(4.0, 1.0, 0.2, 0.3, 1.5, 800, 0.05))
+    text = storage.read_text(report.build_report(root, plots=False))
+    for field in ("base policy", "collect.policy (Loop-2 training traces)", "Loop-1 critic", "Loop-2 judge",
+                  "bootstrap", "final-eval seeds", "environment", "max steps / episode", "mesh", "phases"):
+        assert f"- **{field}**: not recorded" in text, field
+    assert "- **model**: preset `tiny` (model.checkpoint not recorded)" in text
+    assert "- **dtype / param dtype**: not recorded / not recorded" in text
+    assert "progression fell, 5.00 ± 1.00% → 4.00 ± 1.00% (-1.00 points;" in text
+    assert "> `collect.policy` not recorded: whether Loop 2 trained" in text
+
+    _write(root, "phases/collect/result.json", {"policy": "teacher"})
+    _write(root, "ledger.jsonl", [{"iteration": 0}])
+    text = storage.read_text(report.build_report(root, plots=False))
+    assert ("- **collect.policy (Loop-2 training traces)**: `teacher`: the scripted teacher "
+            "(automem_jax/loops/teacher.py), not the base policy, played the traces Loop 2 mines "
+            "(from phases/collect/result.json)") in text
+    assert "`bootstrap.redundant_write_rate=not recorded`" in text
+    assert "filters exactly those turns out (Loop 2's judge rejects such turns)" in text
+    assert "is not evidence that the method works" in text
+
+
+def test_no_config_at_all(tmp_path):
+    root = str(tmp_path / "run")
+    _write(root, "eval/baseline/summary.json", _summary(5.0, 1.0, 0.5, 0.3, 1.5, 800, 0.05))
+    text = storage.read_text(report.build_report(root, plots=False))
+    assert "## Run setup\n\n_Run configuration skipped: `config.json` not found._" in text
+    assert "- **collect.policy (Loop-2 training traces)**: not recorded" in text
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    # The teacher's traces judged by an LLM critic: the note names that judge's rule.
+    ({"critic": {"kind": "openai", "model": "m", "base_url": "http://x/v1"}},
+     "selection filters exactly those turns out (the LLM judge is told to reject duplicates of stored lines)"),
+    # The base policy played Loop 2's traces, but it learned the planted habit in bootstrap.
+    ({"collect": {"policy": "base", "episodes": 48}},
+     "> The base policy was warm-started on the scripted teacher (`bootstrap`), which writes redundantly on "
+     "purpose (`bootstrap.redundant_write_rate=0.7`): the baseline's redundant writes are that planted habit."),
+])
+def test_provenance_note_variants(tmp_path, overrides, expected):
+    root = str(tmp_path / "run")
+    _write(root, "config.json", {**TINY_TEACHER_CONFIG, **overrides})
+    _write(root, "eval/baseline/summary.json", _summary(1.0, 0.5, 0.70, 0.30, 2.0, 500, 0.0))
+    _write(root, "eval/final/summary.json", _summary(2.0, 0.5, 0.20, 0.30, 2.0, 500, 0.0))
+    _write(root, "ledger.jsonl", [{"iteration": 0}])
+    final = _final_section(storage.read_text(report.build_report(root, plots=False)))
+    assert expected in final
+    assert ("the redundant-write drop is built in" in final) == ("collect" not in overrides)
+
+
+def test_odd_config_values_do_not_break_the_report(tmp_path, monkeypatch):
+    root = str(tmp_path / "run")
+    _write(root, "config.json", {"collect": "teacher", "bootstrap": {"enabled": True, "train": "x"},
+                                 "loop2": {"judge": 3}, "mesh": [1], "model": {"preset": None}})
+    _write(root, "eval/baseline/summary.json", _summary(5.0, 1.0, 0.5, 0.3, 1.5, 800, 0.05))
+    text = storage.read_text(report.build_report(root, plots=False))
+    assert "- **Loop-2 judge**: `3`" in text and "- **mesh**: not recorded" in text
+    assert "configured length not recorded" in text
+    # Even a failure inside the set-up block leaves the rest of the report.
+    monkeypatch.setattr(report, "_bootstrap_desc", lambda *a: 1 / 0)
+    text = storage.read_text(report.build_report(root, plots=False))
+    assert "_Run setup failed: ZeroDivisionError: division by zero._" in text
+    assert "## Final system against the baseline" in text and "## Phases" in text

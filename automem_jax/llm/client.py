@@ -507,15 +507,16 @@ def load_engine(checkpoint: str, *, max_batch: int = 16, max_len: int = 2048, se
                 tokenizer: str | None = None, dtype: str | None = None, model_name: str | None = None,
                 mesh=None):
     """An Engine from ``preset:<name>`` (random weights, offline Qwen3 tokenizer) or a local/gs://
-    Hugging Face folder (weights via ``hf.load_pretrained``; tokenizer from `tokenizer` or the folder;
+    Hugging Face folder, .gguf file or ``pkg:<name>`` (weights via ``hf.load_pretrained``; tokenizer from `tokenizer` or the folder;
     its generation_config.json's top_p / top_k / repetition_penalty become the engine's defaults for
     requests that leave them unset)."""
     if not isinstance(checkpoint, str) or not checkpoint:
         raise ValueError(f"checkpoint must be 'preset:<name>' or a model folder, got {checkpoint!r}")
-    if not checkpoint.startswith(("preset:", "gs://")) and not os.path.isdir(checkpoint):
+    if not checkpoint.startswith(("preset:", "gs://", "pkg:")) and not os.path.isdir(checkpoint) \
+            and not (checkpoint.lower().endswith(".gguf") and os.path.isfile(checkpoint)):
         # Fail before the slow imports below.
-        raise ValueError(f"checkpoint {checkpoint!r} is not a folder (expected a Hugging Face model folder, "
-                         f"a gs:// folder, or preset:<name>)")
+        raise ValueError(f"checkpoint {checkpoint!r} is not a folder or .gguf file (expected a Hugging Face "
+                         f"model folder, a .gguf file, a gs:// path, pkg:<name> or preset:<name>)")
     from automem_jax.llm.engine import Engine
     kw = dict(max_batch=max_batch, max_len=max_len, mesh=mesh)
     from automem_jax.models.tokenizer import load_tokenizer
@@ -530,7 +531,7 @@ def load_engine(checkpoint: str, *, max_batch: int = 16, max_len: int = 2048, se
     except (OSError, ValueError) as e:
         raise ValueError(f"checkpoint {checkpoint!r}: no usable tokenizer ({e}); pass a tokenizer folder") from e
     model, _ = hf.load_pretrained(checkpoint, dtype=dtype, mesh=mesh)
-    name = model_name or checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    name = model_name or checkpoint.rstrip("/").rsplit("/", 1)[-1].split(":")[-1]
     from automem_jax.llm.engine import generation_defaults
     return Engine(model, tok, seed=seed, model_name=name, sampling_defaults=generation_defaults(checkpoint), **kw)
 

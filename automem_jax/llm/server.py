@@ -1051,7 +1051,7 @@ def _lora_modules(items: list[str] | None) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m automem_jax.llm.server", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True,
-                    help="a local or gs:// Hugging Face folder, or preset:<name> (random weights, e.g. preset:tiny)")
+                    help="a local or gs:// Hugging Face folder or .gguf file, pkg:<name> (a packaged real model, e.g. pkg:qwen2.5-coder-0.5b-instruct), or preset:<name> (random weights, e.g. preset:tiny)")
     ap.add_argument("--port", type=int, required=True, help="TCP port (0 = any free port)")
     ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     ap.add_argument("--api_key_env", "--api-key-env", dest="api_key_env", default=None,

@@ -1,4 +1,5 @@
-"""Hugging Face interop: import safetensors folders into the NNX Qwen, export back.
+"""Hugging Face interop: import safetensors folders (or GGUF files, `models/gguf.py`, and packaged
+`pkg:<name>` checkpoints, `models/packaged.py`) into the NNX Qwen, export back.
 
 Import reads one tensor at a time and places it straight into its target sharding
 (`jax.make_array_from_callback`), so no host ever holds the whole model; gs:// shards are
@@ -8,12 +9,13 @@ safetensors + index that `transformers.AutoModelForCausalLM.from_pretrained` loa
     model, config = load_pretrained(path, dtype="bfloat16", mesh=None)
     save_pretrained(model, config, out_dir, tokenizer=None)
     save_peft_adapter(model, config, lora_config, out_dir)   # PEFT LoRA folder; load_peft_adapter reads one
-    python -m automem_jax.models.hf {import,export,inspect} ...
+    python -m automem_jax.models.hf {import,export,inspect} ...   # import x.gguf --format hf --out folder
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -172,19 +174,59 @@ def _place(value: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
+def _gguf_or_folder(path: str) -> str:
+    """`pkg:<name>` resolved; a folder whose weights are one model.gguf (no safetensors) -> that file."""
+    from automem_jax.models import packaged
+    path = packaged.resolve(str(path))
+    if not path.lower().endswith(".gguf") and not storage.exists(storage.join(path, SINGLE_FILE)) \
+            and not storage.exists(storage.join(path, INDEX_FILE)) \
+            and storage.exists(storage.join(path, packaged.GGUF_FILE)):
+        return storage.join(path, packaged.GGUF_FILE)
+    return path
+
+
+def _open_source(path: str, overrides: dict):
+    """(config, tensor source with .path / .weight_map / by_file, opener of one file's tensors)
+    for a HF folder, a .gguf file, or a folder holding one model.gguf (pkg:<name> resolves to one)."""
+    from automem_jax.models import gguf
+    path = _gguf_or_folder(path)
+    if gguf.is_gguf(path):
+        g = gguf.GGUFModel.open(path)
+        try:
+            cfg = QwenConfig.from_hf(g.hf_config(), **overrides)
+        except BaseException:
+            g.close()
+            raise
+        return cfg, g, lambda fname: contextlib.nullcontext(g)
+    cfg = QwenConfig.from_hf(path, **overrides)
+    folder = _Folder(path)
+
+    @contextlib.contextmanager
+    def open_file(fname):
+        from safetensors import safe_open
+        with storage.local_file(storage.join(folder.path, fname)) as local, safe_open(local, framework="numpy") as f:
+            yield f
+    return cfg, folder, open_file
+
+
 def load_pretrained(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None, *,
                     param_dtype: str | None = None, rules=None, **config_overrides) -> tuple[Qwen, QwenConfig]:
-    """Builds the NNX Qwen from a HF folder. `dtype` sets compute and (unless `param_dtype` is
-    given) storage dtype; other keyword arguments override QwenConfig fields (e.g. scan_layers)."""
+    """Builds the NNX Qwen from a HF folder, a .gguf file (dequantized to `param_dtype`) or
+    `pkg:<name>`. `dtype` sets compute and (unless `param_dtype` is given) storage dtype; other
+    keyword arguments override QwenConfig fields (e.g. scan_layers)."""
     overrides = dict(config_overrides)
     if dtype is not None:
         overrides["dtype"] = dtype
         overrides.setdefault("param_dtype", param_dtype or dtype)
     elif param_dtype is not None:
         overrides["param_dtype"] = param_dtype
-    cfg = QwenConfig.from_hf(path, **overrides)
-    folder = _Folder(path)
-    expected = _check_names(cfg, folder)
+    cfg, folder, open_file = _open_source(path, overrides)
+    try:
+        expected = _check_names(cfg, folder)
+    except BaseException:
+        if hasattr(folder, "close"):
+            folder.close()
+        raise
 
     graphdef, abs_state = nnx.split(abstract_model(cfg))
     abs_flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(abs_state)}
@@ -196,32 +238,35 @@ def load_pretrained(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh
     values: dict[str, Any] = {}
     stacked: dict[str, list] = defaultdict(lambda: [None] * cfg.num_layers)
     pdt = jnp.dtype(cfg.param_dtype)
-    from safetensors import safe_open
-    for fname, names in folder.by_file(n for n in expected).items():
-        with storage.local_file(storage.join(folder.path, fname)) as local, safe_open(local, framework="numpy") as f:
-            for name in names:
-                (ours, layer), rule = expected[name]
-                key = _key(cfg, ours, layer)
-                want = abs_flat[key].get_value().shape
-                if cfg.scan_layers and layer is not None:
-                    want = want[1:]
-                raw = f.get_tensor(name)
-                try:
-                    arr = rule.to_ours(raw, cfg)
-                except ValueError:
-                    arr = None
-                if arr is None or arr.shape != tuple(want):
-                    raise ValueError(f"{folder.path}: tensor {name} has shape {tuple(raw.shape)}; "
-                                     f"config.json implies a tensor that maps to {tuple(want)}")
-                arr = np.asarray(arr).astype(pdt)
-                sh = shardings.get(key)
-                if cfg.scan_layers and layer is not None:
-                    per_layer = None if sh is None else jax.sharding.NamedSharding(
-                        sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
-                    stacked[key][layer] = _place(arr, per_layer)
-                else:
-                    values[key] = _place(arr, sh)
-                del raw, arr
+    try:
+        for fname, names in folder.by_file(n for n in expected).items():
+            with open_file(fname) as f:
+                for name in names:
+                    (ours, layer), rule = expected[name]
+                    key = _key(cfg, ours, layer)
+                    want = abs_flat[key].get_value().shape
+                    if cfg.scan_layers and layer is not None:
+                        want = want[1:]
+                    raw = f.get_tensor(name)
+                    try:
+                        arr = rule.to_ours(raw, cfg)
+                    except ValueError:
+                        arr = None
+                    if arr is None or arr.shape != tuple(want):
+                        raise ValueError(f"{folder.path}: tensor {name} has shape {tuple(raw.shape)}; "
+                                         f"the config implies a tensor that maps to {tuple(want)}")
+                    arr = np.asarray(arr).astype(pdt)
+                    sh = shardings.get(key)
+                    if cfg.scan_layers and layer is not None:
+                        per_layer = None if sh is None else jax.sharding.NamedSharding(
+                            sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+                        stacked[key][layer] = _place(arr, per_layer)
+                    else:
+                        values[key] = _place(arr, sh)
+                    del raw, arr
+    finally:
+        if hasattr(folder, "close"):
+            folder.close()  # a GGUF's memory maps
     for key, parts in stacked.items():
         sh = shardings.get(key)
         stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sh) if sh is not None else \
@@ -501,6 +546,21 @@ def load_peft_adapter(model: Qwen, path: str, *, mesh: jax.sharding.Mesh | None 
 
 
 def inspect(path: str) -> str:
+    from automem_jax.models import gguf
+    path = _gguf_or_folder(path)
+    if gguf.is_gguf(path):
+        with gguf.GGUFModel.open(path) as g:
+            cfg = QwenConfig.from_hf(g.hf_config())
+            types = ", ".join(f"{k} {v}" for k, v in g.type_counts().items())
+            lines = [f"file: {path} (GGUF, {len(g.tensors)} tensors: {types})"]
+            try:
+                _check_names(cfg, g)
+                lines.append("tensor names: complete and consistent with the metadata")
+            except ValueError as e:
+                lines.append(f"tensor names: PROBLEM: {e}")
+        return "\n".join(lines + [f"arch: {cfg.arch}  layers={cfg.num_layers} hidden={cfg.hidden_size} "
+                                  f"heads={cfg.num_heads}/{cfg.num_kv_heads} vocab={cfg.vocab_size} "
+                                  f"tied={cfg.tie_word_embeddings}", f"parameters: {cfg.num_params():,}"])
     cfg = QwenConfig.from_hf(path)
     folder = _Folder(path)
     lines = [f"folder: {path}", f"arch: {cfg.arch}  layers={cfg.num_layers} hidden={cfg.hidden_size} "
@@ -551,9 +611,12 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("inspect", help="config summary and tensor check of a HF folder")
     a.add_argument("path")
-    b = sub.add_parser("import", help="HF folder -> orbax parameter checkpoint")
+    b = sub.add_parser("import", help="HF folder, .gguf file or pkg:<name> -> orbax checkpoint or HF folder")
     b.add_argument("path")
     b.add_argument("--out", required=True, help="output folder (local or gs://)")
+    b.add_argument("--format", choices=("orbax", "hf"), default="orbax",
+                   help="orbax: parameter checkpoint for `export --checkpoint`; hf: safetensors folder with "
+                        "the source's tokenizer (what transformers and --config.model.checkpoint load)")
     b.add_argument("--dtype", default=None, help="parameter dtype (default: float32)")
     c = sub.add_parser("export", help="random preset or imported checkpoint -> HF folder")
     src = c.add_mutually_exclusive_group(required=True)
@@ -571,8 +634,18 @@ def main(argv=None) -> int:
             print(inspect(args.path))
         elif args.cmd == "import":
             model, cfg = load_pretrained(args.path, param_dtype=args.dtype)
-            _save_orbax(model, cfg, args.out)
-            print(f"imported {cfg.num_params():,} parameters ({cfg.arch}) from {args.path} -> {args.out}")
+            if args.format == "hf":
+                from automem_jax.models.tokenizer import load_tokenizer
+                try:
+                    tok = load_tokenizer(args.path)
+                except (OSError, ValueError) as e:
+                    tok = None
+                    print(f"warning: {args.path}: no tokenizer written ({e})", file=sys.stderr)
+                save_pretrained(model, cfg, args.out, tok, dtype=args.dtype)
+            else:
+                _save_orbax(model, cfg, args.out)
+            print(f"imported {cfg.num_params():,} parameters ({cfg.arch}) from {args.path} -> {args.out} "
+                  f"({args.format})")
         else:
             if args.preset:
                 from automem_jax.models.qwen import init_model, preset

@@ -89,13 +89,18 @@ class QwenConfig:
     # ---- Hugging Face config.json -----------------------------------------------------------
     @classmethod
     def from_hf(cls, path_or_dict: str | Mapping[str, Any], **overrides) -> "QwenConfig":
-        """Reads a transformers config (dict, config.json path, or folder with config.json; local or gs://)."""
+        """Reads a transformers config (dict, config.json path, or folder with config.json; local or gs://),
+        or a .gguf file's metadata, or `pkg:<name>`'s."""
         if isinstance(path_or_dict, Mapping):
             d = dict(path_or_dict)
             where = "config"
         else:
             from automem_jax import storage
-            p = str(path_or_dict)
+            from automem_jax.models import gguf, packaged
+            p = packaged.resolve(str(path_or_dict))
+            if gguf.is_gguf(p):
+                with gguf.GGUFModel.open(p) as g:
+                    return cls.from_hf(g.hf_config(), **overrides)
             if not p.endswith(".json"):
                 p = storage.join(p, "config.json")
             where = p

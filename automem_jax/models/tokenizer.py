@@ -49,11 +49,15 @@ def tokenizer_source(tokenizer: str | None, model_dir: str | None = None) -> str
 
 
 def load_tokenizer(path: str | None = None):
-    """AutoTokenizer from a local or gs:// folder (or the offline Qwen3 default)."""
+    """AutoTokenizer from a local or gs:// folder, a .gguf file, `pkg:<name>`, or (None) the offline
+    Qwen3 default."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoTokenizer
 
-    folder = default_tokenizer_dir() if path is None else str(path)
+    from automem_jax.models import gguf, packaged
+    folder = default_tokenizer_dir() if path is None else packaged.resolve(str(path))
+    if gguf.is_gguf(folder):
+        return gguf.load_tokenizer(folder)
     if storage.is_gcs(folder):
         import tempfile
         local = tempfile.mkdtemp(prefix="automem-tok-")

@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="42-51", help="'42-51' or '1,5,9'")
     ap.add_argument("--run_dir", required=True, help="local or gs:// folder; re-running resumes")
     ap.add_argument("--structure", default=None, help="structure YAML/JSON (default: the env's default)")
-    ap.add_argument("--checkpoint", default="preset:tiny", help="preset:<name> or a Hugging Face folder")
+    ap.add_argument("--checkpoint", default="preset:tiny", help="preset:<name>, pkg:<name>, a Hugging Face folder or a .gguf file")
     ap.add_argument("--base_url", default=None, help="use an OpenAI-compatible server instead of a local engine")
     ap.add_argument("--model", default=None, help="model name for --base_url")
     ap.add_argument("--api_key_env", default="OPENAI_API_KEY",
