@@ -898,25 +898,23 @@ def _run_health(reader: _Reader, base_raw: dict | None, final_raw: dict | None, 
     return out
 
 
-def _per_task(summary: Mapping) -> dict[str, tuple[float | None, float | None]]:
-    out = {}
+def _task_entries(summary: Mapping):
+    """(env/task, that task's summary) for every task of a summary.json."""
     for env, tasks in (summary.get("environments") or {}).items():
         if isinstance(tasks, Mapping):
             for task, t in tasks.items():
                 if isinstance(t, Mapping):
-                    out[f"{env}/{task}"] = (_num(t.get("progression_percentage")), _num(t.get("standard_error")))
-    return out
+                    yield f"{env}/{task}", t
+
+
+def _per_task(summary: Mapping) -> dict[str, tuple[float | None, float | None]]:
+    return {n: (_num(t.get("progression_percentage")), _num(t.get("standard_error")))
+            for n, t in _task_entries(summary)}
 
 
 def _per_task_redundant(summary: Mapping) -> dict[str, float | None]:
-    out = {}
-    for env, tasks in (summary.get("environments") or {}).items():
-        if isinstance(tasks, Mapping):
-            for task, t in tasks.items():
-                if isinstance(t, Mapping):
-                    h = t.get("hygiene") if isinstance(t.get("hygiene"), Mapping) else {}
-                    out[f"{env}/{task}"] = _num(h.get("redundant_write_rate"))
-    return out
+    return {n: _num(t["hygiene"].get("redundant_write_rate")) if isinstance(t.get("hygiene"), Mapping) else None
+            for n, t in _task_entries(summary)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -228,6 +228,8 @@ _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 def _check_tokenizer(cfg, model_cfg):
     """Loads the configured tokenizer from where the run will (tokenizer_source) and checks that
     the model's embedding holds its vocabulary. Returns it for the prompt-length check."""
+    from automem_jax.models.gguf import is_gguf
+    from automem_jax.models.packaged import is_packaged
     from automem_jax.models.tokenizer import default_tokenizer_dir, load_tokenizer, tokenizer_source
     src = tokenizer_source(cfg.tokenizer, cfg.model.checkpoint)
     if src is None:
@@ -237,7 +239,7 @@ def _check_tokenizer(cfg, model_cfg):
         field = "tokenizer" if src == cfg.tokenizer else "tokenizer (defaulting to model.checkpoint)"
 
     # pkg:<name> and .gguf tokenizers come from metadata that load_tokenizer reads; its errors follow.
-    if src is not None and not src.startswith("pkg:") and not src.lower().endswith(".gguf"):
+    if src is not None and not is_packaged(src) and not is_gguf(src):
         def markers():
             if not storage.is_gcs(src) and not os.path.isdir(src):
                 raise FileNotFoundError("no such folder")

@@ -510,10 +510,11 @@ def load_engine(checkpoint: str, *, max_batch: int = 16, max_len: int = 2048, se
     Hugging Face folder, .gguf file or ``pkg:<name>`` (weights via ``hf.load_pretrained``; tokenizer from `tokenizer` or the folder;
     its generation_config.json's top_p / top_k / repetition_penalty become the engine's defaults for
     requests that leave them unset)."""
+    from automem_jax.models import gguf  # light: gguf itself is imported on first read
     if not isinstance(checkpoint, str) or not checkpoint:
         raise ValueError(f"checkpoint must be 'preset:<name>' or a model folder, got {checkpoint!r}")
     if not checkpoint.startswith(("preset:", "gs://", "pkg:")) and not os.path.isdir(checkpoint) \
-            and not (checkpoint.lower().endswith(".gguf") and os.path.isfile(checkpoint)):
+            and not (gguf.is_gguf(checkpoint) and os.path.isfile(checkpoint)):
         # Fail before the slow imports below.
         raise ValueError(f"checkpoint {checkpoint!r} is not a folder or .gguf file (expected a Hugging Face "
                          f"model folder, a .gguf file, a gs:// path, pkg:<name> or preset:<name>)")

@@ -103,9 +103,6 @@ def generation_defaults(folder: str) -> dict:
     import json
 
     from automem_jax import storage
-    from automem_jax.models import packaged
-    if packaged.is_packaged(folder) or folder.lower().endswith(".gguf"):
-        return {}  # a GGUF carries no generation config
     path = storage.join(folder, "generation_config.json")
     try:
         if not storage.exists(path):

@@ -43,6 +43,9 @@ _LAYER = {"attn_norm.weight": "input_layernorm.weight",
           "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
           "ffn_down.weight": "mlp.down_proj.weight"}
 _BLK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+# Large arrays read only by the tokenizer builder (transformers), not kept as metadata.
+_SKIPPED_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                   "tokenizer.ggml.scores")
 
 
 def is_gguf(path) -> bool:
@@ -111,16 +114,9 @@ class GGUFModel:
 
     def __init__(self, path: str, readers: list, stack: contextlib.ExitStack):
         self.path = path
-        self._stack = stack
-        self._readers = readers
-        self.metadata: dict[str, Any] = {}
-        for key, field in readers[0].fields.items():
-            if key.startswith("tokenizer.ggml.") and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                                             "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-                continue  # large arrays, read only by the tokenizer builder
-            if key.startswith("GGUF."):
-                continue
-            self.metadata[key] = field.contents()
+        self._stack = stack  # the memory maps' files (gs:// downloads too)
+        self.metadata: dict[str, Any] = {key: field.contents() for key, field in readers[0].fields.items()
+                                         if key not in _SKIPPED_FIELDS and not key.startswith("GGUF.")}
         self.tensors: dict[str, Any] = {}
         for r in readers:
             for t in r.tensors:
@@ -156,7 +152,6 @@ class GGUFModel:
             raise
 
     def close(self) -> None:
-        self._readers = []
         self.tensors = {}
         self._stack.close()
 

@@ -146,6 +146,9 @@ class _Folder:
             raise FileNotFoundError(f"{self.path}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
                                     f"(files: {names[:10]})")
 
+    def close(self) -> None:
+        """Nothing held open (GGUFModel's counterpart holds memory maps)."""
+
     def by_file(self, tensor_names) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = defaultdict(list)
         for name in tensor_names:
@@ -176,9 +179,9 @@ def _place(value: np.ndarray, sharding) -> jax.Array:
 
 def _gguf_or_folder(path: str) -> str:
     """`pkg:<name>` resolved; a folder whose weights are one model.gguf (no safetensors) -> that file."""
-    from automem_jax.models import packaged
+    from automem_jax.models import gguf, packaged
     path = packaged.resolve(str(path))
-    if not path.lower().endswith(".gguf") and not storage.exists(storage.join(path, SINGLE_FILE)) \
+    if not gguf.is_gguf(path) and not storage.exists(storage.join(path, SINGLE_FILE)) \
             and not storage.exists(storage.join(path, INDEX_FILE)) \
             and storage.exists(storage.join(path, packaged.GGUF_FILE)):
         return storage.join(path, packaged.GGUF_FILE)
@@ -221,24 +224,17 @@ def load_pretrained(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh
     elif param_dtype is not None:
         overrides["param_dtype"] = param_dtype
     cfg, folder, open_file = _open_source(path, overrides)
-    try:
-        expected = _check_names(cfg, folder)
-    except BaseException:
-        if hasattr(folder, "close"):
-            folder.close()
-        raise
-
-    graphdef, abs_state = nnx.split(abstract_model(cfg))
-    abs_flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(abs_state)}
-    shardings = {}
-    if mesh is not None:
-        shardings = {k: named_sharding(mesh, v.get_metadata().get("logical_axes"), v.get_value().shape, rules)
-                     for k, v in abs_flat.items()}
-
     values: dict[str, Any] = {}
     stacked: dict[str, list] = defaultdict(lambda: [None] * cfg.num_layers)
-    pdt = jnp.dtype(cfg.param_dtype)
     try:
+        expected = _check_names(cfg, folder)
+        graphdef, abs_state = nnx.split(abstract_model(cfg))
+        abs_flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(abs_state)}
+        shardings = {}
+        if mesh is not None:
+            shardings = {k: named_sharding(mesh, v.get_metadata().get("logical_axes"), v.get_value().shape, rules)
+                         for k, v in abs_flat.items()}
+        pdt = jnp.dtype(cfg.param_dtype)
         for fname, names in folder.by_file(n for n in expected).items():
             with open_file(fname) as f:
                 for name in names:
@@ -265,8 +261,7 @@ def load_pretrained(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh
                         values[key] = _place(arr, sh)
                     del raw, arr
     finally:
-        if hasattr(folder, "close"):
-            folder.close()  # a GGUF's memory maps
+        folder.close()  # a GGUF's memory maps
     for key, parts in stacked.items():
         sh = shardings.get(key)
         stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sh) if sh is not None else \
