@@ -15,6 +15,8 @@ Inputs (paths relative to the workdir):
   eval/baseline/summary.json                the starting structure on the eval seeds
   eval/final/summary.json                   the finished system on the eval seeds
   eval/final_baseline/summary.json          the baseline replayed on final_eval.seeds, when they differ
+  eval/baseline_heldout/summary.json        the baseline on eval.heldout_seeds (never used to choose)
+  eval/final_heldout/summary.json           the final system on eval.heldout_seeds
   structures/archive.jsonl                  Loop-1 candidates
   structures/candidates/<id>/eval/summary.json
   ledger.jsonl                              Loop-2 iterations
@@ -443,6 +445,7 @@ def _header(reader: _Reader, config: Mapping | None, config_why: str, results: M
         ("bootstrap", _bootstrap_desc(config, results.get("bootstrap"))),
         ("eval seeds", _rec(_cfg(config, "eval.seeds"))),
         ("final-eval seeds", "same as eval seeds" if final_seeds == "" else _rec(final_seeds)),
+        ("held-out seeds", _heldout_desc(config)),
         ("environment", _rec(_cfg(config, "env.name"))),
         ("max steps / episode", _rec(_cfg(config, "env.max_steps"))),
         ("dtype / param dtype", f"{_rec(_cfg(config, 'model.dtype'))} / {_rec(_cfg(config, 'model.param_dtype'))}"),
@@ -454,6 +457,15 @@ def _header(reader: _Reader, config: Mapping | None, config_why: str, results: M
         out += ["", f"{FLAG} This run is the scripted-teacher demonstration (`collect.policy=teacher`): read the "
                 "note under the result before any redundant-write figure."]
     return out
+
+
+def _heldout_desc(config: Mapping | None) -> str:
+    held = _cfg(config, "eval.heldout_seeds")
+    if held is None:
+        return NOT_RECORDED
+    if held == "":
+        return "none (`eval.heldout_seeds` unset)"
+    return f"{held} (reported only: nothing is chosen on them)"
 
 
 def _phase_times(reader: _Reader, config: Mapping | None) -> tuple[list[str], list[tuple[str, dict]]]:
@@ -602,14 +614,28 @@ def _loop2(reader: _Reader, plots: _Plots, baseline: dict | None) -> tuple[list[
     rows = sorted(rows, key=lambda r: (_num(r.get("iteration")) is None, _num(r.get("iteration")) or 0))
     table = []
     if baseline and baseline["progression"] is not None:
-        table.append(("base", "–", "–", "–", _fmt_pm(baseline["progression"], baseline["progression_se"])))
+        table.append(("base", "–", "–", "–", _fmt_pm(baseline["progression"], baseline["progression_se"]), "–"))
     for r in rows:
         train = r.get("train") if isinstance(r.get("train"), Mapping) else {}
         fl, ll = _num(train.get("first_loss")), _num(train.get("final_loss"))
-        table.append((r.get("iteration", "?"), r.get("n_examples", "–"), train.get("steps", "–"),
+        n, acc = r.get("n_examples", "–"), r.get("n_accepted")
+        table.append((r.get("iteration", "?"), f"{n} of {acc} accepted" if isinstance(acc, int) and acc != n else n,
+                      train.get("steps", "–"),
                       f"{fl:.4f} → {ll:.4f}" if fl is not None and ll is not None else "–",
-                      _fmt_pm(_num(r.get("progression_mean")), _num(r.get("progression_se")))))
-    out += _table(["iteration", "examples", "train steps", "loss first → final", "progression % ± SE"], table)
+                      _fmt_pm(_num(r.get("progression_mean")), _num(r.get("progression_se"))),
+                      _decision_cell(r.get("decision"))))
+    out += _table(["iteration", "examples", "train steps", "loss first → final", "progression % ± SE", "decision"],
+                  table)
+    notes = [(r.get("iteration", "?"), r["decision"]) for r in rows if isinstance(r.get("decision"), Mapping)
+             and r["decision"].get("by") in ("critic", "fallback")]
+    if notes:
+        out += ["", "Decisions between iterations (`by`: critic, or the fallback rule when the critic is offline "
+                "or its reply was unusable):", ""]
+        for it, d in notes:
+            line = f"- iteration {it} ({d.get('by')}): {_cell(d.get('rationale', ''), 400)}"
+            if d.get("invalid_reply"):
+                line += f" — critic reply unusable: {_cell(d['invalid_reply'], 200)}"
+            out.append(line)
 
     points = []
     if baseline and baseline["progression"] is not None:
@@ -629,6 +655,22 @@ def _loop2(reader: _Reader, plots: _Plots, baseline: dict | None) -> tuple[list[
         ax.set_title("Loop 2: progression per iteration (mean ± SE)")
 
     return out + ["", plots.save("loop2_progression.png", draw)], rows
+
+
+def _decision_cell(d) -> str:
+    if not isinstance(d, Mapping):
+        return "–"
+    parts = [str(d.get("by", "?"))]
+    if d.get("data") == "reuse":
+        parts.append(f"reuse dataset {d.get('dataset_from')}")
+    else:
+        parts.append(f"new dataset (judge {d.get('judge', '?')}, top {_num(d.get('top_pct')) or 0:g}%, "
+                     f"seed {d.get('sample_seed')})")
+    rec = d.get("recipe")
+    if isinstance(rec, Mapping):
+        parts.append(f"lr ×{_num(rec.get('lr_scale')) or 0:g}, length ×{_num(rec.get('epochs_scale')) or 0:g}, "
+                     f"rank {rec.get('lora_rank')}")
+    return "; ".join(parts)
 
 
 def _loop2_iterations(reader: _Reader, ledger: list[dict]) -> list[str]:
@@ -854,6 +896,58 @@ def _final(baseline: dict | None, final: dict | None, base_raw: dict | None, fin
     return out
 
 
+def _heldout(reader: _Reader, config: Mapping | None, compare: dict | None, final: dict | None,
+             cmp_raw: dict | None, final_raw: dict | None, final_result: Mapping | None) -> list[str]:
+    """Baseline -> final on the seeds that chose the system and on the held-out seeds, side by side."""
+    out = ["## Held-out seeds", ""]
+    held = _cfg(config, "eval.heldout_seeds")
+    bh_raw, bh_why = reader.eval_summary("eval", "baseline_heldout")
+    fh_raw, fh_why = reader.eval_summary("eval", "final_heldout")
+    if not held and bh_raw is None and fh_raw is None:
+        return out + ["_No held-out seeds in this run (`eval.heldout_seeds` unset): the final result above was "
+                      "measured on the same seeds that chose the system._"]
+    chose = _rec(_cfg(config, "eval.seeds"))
+    fe = _cfg(config, "final_eval.seeds")
+    it = (final_result or {}).get("iteration")
+    system = (f"Loop-2 iteration {it}, the best iteration on them" if it is not None
+              else "the base policy with the best Loop-1 structure (no Loop-2 iteration)")
+    out += [f"**Chosen on:** the eval seeds ({chose}). Loop 1 kept structures and Loop 2 picked the final system "
+            f"({system}) by their results there, so the eval-seed figures favour the final system. "
+            f"**Held out:** seeds {_rec(held)}, never used to choose anything; the baseline and the final system "
+            "were played on them only to be reported here.", ""]
+    bh = summary_metrics(bh_raw) if bh_raw is not None else None
+    fh = summary_metrics(fh_raw) if fh_raw is not None else None
+
+    def line(name, role, seeds, b, f, braw, fraw):
+        eps = f"{_rec((braw or {}).get('episodes'))} / {_rec((fraw or {}).get('episodes'))}"
+        bp, fp = (b or {}).get("progression"), (f or {}).get("progression")
+        return (name, role, seeds, eps, _fmt_pm(bp, (b or {}).get("progression_se")),
+                _fmt_pm(fp, (f or {}).get("progression_se")), _fmt_change("progression", bp, fp),
+                f"{_fmt('redundant_write_rate', (b or {}).get('redundant_write_rate'))} → "
+                f"{_fmt('redundant_write_rate', (f or {}).get('redundant_write_rate'))}")
+
+    rows = [line("eval" if not fe else "final-eval",
+                 "chose the system" if not fe else "reported (system chosen on eval)",
+                 _rec(fe or chose), compare, final, cmp_raw, final_raw),
+            line("held-out", "held out: reported only", _rec(held), bh, fh, bh_raw, fh_raw)]
+    out += _table(["seed set", "role", "seeds", "episodes (baseline / final)", "baseline progression % ± SE",
+                   "final progression % ± SE", "change", "redundant-write rate"], rows)
+    if bh is None or fh is None:
+        why = "; ".join(w for w in (bh_why if bh is None else "", fh_why if fh is None else "") if w)
+        return out + ["", _missing("Held-out comparison", why)]
+    d_eval = (None if compare is None or final is None or None in (compare["progression"], final["progression"])
+              else final["progression"] - compare["progression"])
+    if None in (bh["progression"], fh["progression"]):
+        return out
+    d_held = fh["progression"] - bh["progression"]
+    text = f"On the held-out seeds progression changed by {d_held:+.2f} points"
+    if d_eval is not None:
+        text += f" (on the seeds that chose the system: {d_eval:+.2f})"
+        if d_eval > 0 >= d_held:
+            text += f". {FLAG} The gain on the choosing seeds did not carry over to the held-out seeds"
+    return out + ["", text + "."]
+
+
 def _run_health(reader: _Reader, base_raw: dict | None, final_raw: dict | None, ledger: list[dict]) -> list[str]:
     """Health rates of every evaluation found (baseline, each Loop-1 candidate, each Loop-2
     iteration, final), with the warnings of those above the threshold."""
@@ -976,6 +1070,8 @@ def build_report(workdir: str, plots: bool | None = None) -> str:
 
     section(lambda: _final(compare, final, cmp_raw, final_raw, base_why, final_why, cmp_source, note,
                            results.get("final_eval")), "Final system against the baseline")
+    section(lambda: _heldout(reader, config, compare, final, cmp_raw, final_raw, results.get("final_eval")),
+            "Held-out seeds")
     section(lambda: _loop1(reader, pl, baseline), "Loop 1: memory structure revisions")
 
     def loop2() -> list[str]:

@@ -70,6 +70,7 @@ def get_config():
     c.env.structure_name = "crafter"  # memory/defaults/crafter.yaml
     c.env.max_steps = 2000  # upstream crafter_kwargs.max_episode_steps
     c.env.num_envs = 32  # eval uses 10 slots; collect's 100 episodes use all 32
+    c.env.feedback_on_invalid_action = True  # upstream eval.feedback_on_invalid_action (every env)
 
     c.inference.max_batch = 64  # 2 x num_envs: every agent's LOG and PLAN turn decodes in one batch
     c.inference.max_len = 32768  # upstream serving context (any one request may grow to it)
@@ -87,6 +88,7 @@ def get_config():
     c.inference.temperature = 1.0  # upstream samples at T = 1
 
     c.eval.seeds = "42-51"  # upstream: 10 Crafter episodes on fixed seeds 42..51
+    c.eval.heldout_seeds = "52-61"  # report-only seeds, disjoint from eval (42-51) and collect (>= 1000)
 
     c.bootstrap.enabled = False  # see POD_PHASES
 
@@ -115,6 +117,12 @@ def get_config():
     c.loop2.min_examples = 600  # upstream crafter prior (min_target_examples)
     c.loop2.top_pct = 100  # upstream default: no return filter
     c.loop2.allow_fewer = False  # a 32B run stops with an error rather than skip Loop 2
+    # Upstream has no cap; 100 x 2000-step episodes can give ~10^5 accepted phases.
+    c.loop2.max_examples = 3000
+    c.loop2.decider.lr_scales = "0.5,1,2"
+    c.loop2.decider.epochs_scales = "0.5,1"  # 4 epochs of a 32B LoRA is the costly end already
+    c.loop2.decider.lora_ranks = ""  # the configured rank only (minihack/nethack set their own)
+    c.loop2.decider.top_pcts = "100,50"
     c.loop2.data = data_config(cutoff_len=16384, loss_on="all")  # upstream cutoff_len, all assistant turns
     # Upstream crafter tuple 256:512:0.0:5e-5:4:2:8:...:cosine:0.05:ATTN with 2 GPUs:
     # effective batch 2 x 8 x 2 = 32 = batch_size 8 x grad_accum 4 here.

@@ -19,7 +19,9 @@ def get_config():
     # long one costs two model calls per step: lower it for a cheaper, less faithful run.
     c.env.max_steps = 100000
 
-    c.eval.seeds = "42-46"  # upstream: 5 NetHack episodes on seeds 42..46
+    # Upstream's Loop-1/Loop-2 drivers pass eval.seeds 42..51 (their scaffold config.yaml lists 42..46).
+    c.eval.seeds = "42-51"
+    c.env.extra_commands = ""  # BALROG's 248 actions exactly (e.g. "travel" would add NLE's travel)
 
     c.collect.max_steps = 100000  # same episode length as evaluation
 

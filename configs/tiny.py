@@ -95,6 +95,15 @@ def get_config() -> ConfigDict:
     c.env.max_steps = 8  # env steps per episode (upstream Crafter: 2000)
     c.env.num_envs = 8  # episodes played at once
     c.env.levels_path = ""  # MiniHack Boxoban levels folder (not downloadable offline; Boxoban tasks need it)
+    # BALROG's eval switch: after an invalid action the next observation opens with a notice naming
+    # the action the env played instead.
+    c.env.feedback_on_invalid_action = True
+    # NetHack only: NLE commands added to BALROG's 248 actions, comma-separated (e.g. "travel,overview";
+    # see automem_jax.envs.nethack.EXTRA_COMMANDS). Empty = BALROG's action space exactly.
+    c.env.extra_commands = ""
+    # NetHack/MiniHack text: "balrog" = BALROG's describer as AutoMem rewrites it (the paper's text);
+    # "exact" adds exact distances and lists everything in view.
+    c.env.text_style = "balrog"
 
     c.inference = ConfigDict()
     c.inference.max_batch = 16  # rows decoded at once (requests beyond wait in the scheduler)
@@ -151,6 +160,9 @@ def get_config() -> ConfigDict:
 
     c.eval = ConfigDict()
     c.eval.seeds = "42-49"  # fixed evaluation seeds (upstream Crafter: 42-51)
+    # Seeds never used to choose anything: baseline and final system are also reported on them.
+    # Must be disjoint from eval, collect and bootstrap seeds; "" = no held-out report.
+    c.eval.heldout_seeds = "50-51"
 
     c.bootstrap = ConfigDict()
     c.bootstrap.enabled = True  # scripted-teacher warm start (here: the random model; real checkpoints too)
@@ -199,7 +211,21 @@ def get_config() -> ConfigDict:
     c.loop2.judge = "critic"  # critic (the configured critic judges) | heuristic
     c.loop2.min_examples = 20  # upstream priors: crafter 600, minihack 300, nle 800
     c.loop2.top_pct = 100  # keep candidates from the top X% of episodes; 100 = off
-    c.loop2.reuse_dataset = False
+    c.loop2.judge_token_budget = 6000  # tokens the judge is shown per candidate (chars/4 estimate); clipped beyond
+    c.loop2.reuse_dataset = False  # without the decider: every iteration trains on iteration 0's dataset
+    # Cap on selected examples: above it a stratified sample (phase, then episode) keeps this many; 0 = no cap.
+    c.loop2.max_examples = 64
+    c.loop2.sample_seed = 0  # seed of that sample (the decider's re-samples add the iteration)
+    # Between iterations the decider reads the ledger and picks data / judge strictness / recipe from
+    # these menus (automem_jax/loops/decider.py). The critic picks when it is a hosted model; the
+    # heuristic critic (here) leaves it to the deterministic fallback rule.
+    c.loop2.decider = ConfigDict()
+    c.loop2.decider.enabled = True
+    c.loop2.decider.use_critic = True
+    c.loop2.decider.lr_scales = "0.5,1,2"  # learning-rate multipliers
+    c.loop2.decider.epochs_scales = "1,2"  # training-length multipliers (epochs, or max_steps when set)
+    c.loop2.decider.lora_ranks = "8,16"  # each <= loop2.train.lora_rank ("" = that rank only)
+    c.loop2.decider.top_pcts = "100,50"  # episode filters a regenerated dataset may use
     c.loop2.allow_fewer = True  # train on fewer than min_examples; with none, skip Loop 2 (False: stop with an error)
     c.loop2.data = data_config(cutoff_len=2048, bucket_multiple=256)
     c.loop2.train = train_config(lora_rank=16, lora_alpha=32.0, learning_rate=3e-3, batch_size=8, grad_accum=1,

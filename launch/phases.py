@@ -406,8 +406,16 @@ class Run:
         return summary
 
     def env_kwargs(self, name: str) -> dict:
-        levels = self.cfg.env.levels_path if name.startswith("minihack:Boxoban") else ""
-        return {"boxoban_levels": levels} if levels else {}
+        env = self.cfg.env
+        levels = env.levels_path if name.startswith("minihack:Boxoban") else ""
+        out = {"boxoban_levels": levels} if levels else {}
+        # The Runner takes this harness switch out of the env keywords.
+        out["feedback_on_invalid_action"] = bool(env.get("feedback_on_invalid_action", False))
+        if name == "nethack" and env.get("extra_commands", ""):
+            out["extra_commands"] = env.extra_commands
+        if name == "nethack" or name.startswith("minihack:"):
+            out["text_style"] = env.get("text_style", "balrog")
+        return out
 
     def evaluate(self, structure, run_dir: str, seeds: list[int], specialist: str | None = None,
                  adapter: str | None = None) -> dict:
@@ -586,8 +594,28 @@ def phase_baseline(run: Run) -> dict:
     log.info(_progress_line("baseline", s))
     if is_writer():
         storage.write_text(run.path("structures", "v0.yaml"), structure.to_yaml())
-    return {"summary": storage.join(out, "summary.json"), "average_progress": s["average_progress"],
-            "standard_error": s["standard_error"], "hygiene": _hygiene(s)}
+    result = {"summary": storage.join(out, "summary.json"), "average_progress": s["average_progress"],
+              "standard_error": s["standard_error"], "hygiene": _hygiene(s)}
+    held = heldout_seeds(run.cfg)
+    if held:
+        # Measured before anything is tuned, on seeds no loop ever sees.
+        h = _eval_once(run, run.path("eval", "baseline_heldout"), lambda d: run.evaluate(structure, d, held))
+        log.info(_progress_line("baseline (held-out seeds)", h))
+        result["heldout"] = {"summary": run.path("eval", "baseline_heldout", "summary.json"), "seeds": held,
+                             "average_progress": h["average_progress"], "standard_error": h["standard_error"]}
+    return result
+
+
+def heldout_seeds(cfg) -> list[int]:
+    """eval.heldout_seeds ([] when unset): never used to choose anything, only to report."""
+    text = cfg.eval.get("heldout_seeds", "")
+    return parse_seeds(text) if text else []
+
+
+def _eval_once(run: "Run", out: str, play) -> dict:
+    """An evaluation whose summary.json already exists is read, not replayed."""
+    s = _read_json(storage.join(out, "summary.json"))
+    return s if s is not None else play(out)
 
 
 def make_critic(cfg):
@@ -597,7 +625,8 @@ def make_critic(cfg):
         return build({"kind": "heuristic", "seed": cfg.seed})
     spec = {"kind": c.kind, "base_url": c.base_url, "model": c.model, "api_key_env": c.api_key_env or None,
             "timeout_s": c.timeout_s, "max_retries": c.max_retries, "max_tokens": c.max_tokens,
-            "use_tools": c.use_tools, "max_turns": c.max_turns}
+            "use_tools": c.use_tools, "max_turns": c.max_turns,
+            "judge_token_budget": cfg.loop2.get("judge_token_budget", 6000)}
     return build(spec)
 
 
@@ -680,11 +709,12 @@ def phase_loop2(run: Run) -> dict:
     seeds = parse_seeds(cfg.eval.seeds)
     structure = best_structure(run)
 
-    def train_fn(dataset_dir: str, out_dir: str, iteration: int) -> dict:
+    def train_fn(dataset_dir: str, out_dir: str, iteration: int, recipe: dict | None = None) -> dict:
         rows = [x for x in storage.read_text(storage.join(dataset_dir, "selected.jsonl")).splitlines() if x.strip()]
         if not rows:
             raise NotEnoughExamples(0, l2.min_examples, {"dataset": dataset_dir})
-        return run.on_accelerator("loop2_train", dataset_dir=dataset_dir, out_dir=out_dir, iteration=iteration)
+        return run.on_accelerator("loop2_train", dataset_dir=dataset_dir, out_dir=out_dir, iteration=iteration,
+                                  recipe=recipe)
 
     def eval_fn(train_result: dict, run_dir: str, iteration: int) -> dict:
         s = run.evaluate(structure, run_dir, seeds, specialist=train_result["checkpoint"],
@@ -696,7 +726,8 @@ def phase_loop2(run: Run) -> dict:
         rows = run_loop2(workdir=run.workdir, traces_dir=run.path("traces_collect"), judge=_judge(run),
                          train_fn=train_fn, eval_fn=eval_fn, iterations=l2.iterations,
                          min_examples=l2.min_examples, top_pct=l2.top_pct, reuse_dataset=l2.reuse_dataset,
-                         allow_fewer=l2.allow_fewer)
+                         allow_fewer=l2.allow_fewer, max_examples=l2.get("max_examples", 0),
+                         sample_seed=l2.get("sample_seed", 0), decider=make_decider(cfg))
     except NotEnoughExamples as e:
         if not l2.allow_fewer:
             raise
@@ -710,15 +741,35 @@ def phase_loop2(run: Run) -> dict:
             "tokens_in": run.tokens_in, "tokens_out": run.tokens_out}
 
 
-def loop2_train(run: Run, dataset_dir: str, out_dir: str, iteration: int) -> dict:
+def make_decider(cfg):
+    """Loop 2's decider (loops.decider) or None (loop2.decider.enabled off: iterations repeat the
+    config). The critic decides when it is a hosted model; the heuristic critic leaves it to the rule."""
+    d = cfg.loop2.get("decider")
+    if not d or not d.get("enabled", False):
+        return None
+    from automem_jax.loops.decider import Decider, Options
+    opts = Options.from_config(cfg.loop2, cfg.loop2.train.lora_rank)
+    if cfg.critic.kind == "heuristic" or not d.get("use_critic", True):
+        why = ("the critic is heuristic (offline)" if cfg.critic.kind == "heuristic"
+               else "loop2.decider.use_critic is off")
+        return Decider(opts, None, offline_reason=why)
+    critic = make_critic(cfg)
+    return Decider(opts, critic.client.chat)
+
+
+def loop2_train(run: Run, dataset_dir: str, out_dir: str, iteration: int, recipe: dict | None = None) -> dict:
     """LoRA (or full) SFT of the base policy on a Loop-2 dataset -> the merged specialist folder
-    and, for LoRA, its PEFT adapter (which replicas load at run time)."""
+    and, for LoRA, its PEFT adapter (which replicas load at run time). ``recipe``: the decider's
+    learning-rate / length scales and LoRA rank (loops.decider.apply_recipe)."""
+    from automem_jax.loops.decider import apply_recipe
     from automem_jax.models import hf, lora
     from automem_jax.training.data import build_dataset
-    from automem_jax.training.trainer import Trainer
+    from automem_jax.training.trainer import TrainConfig, Trainer
     cfg = run.cfg
     l2 = cfg.loop2
-    tcfg = train_config(l2.train)
+    d = l2.train.to_dict()
+    d["remat"] = d.get("remat") or None  # as train_config() reads it
+    tcfg = TrainConfig.from_dict(apply_recipe(d, recipe))
     rows = [json.loads(x) for x in storage.read_text(storage.join(dataset_dir, "selected.jsonl")).splitlines()
             if x.strip()]
     ds = build_dataset(rows, run.tok, data_config(l2.data), source=dataset_dir)
@@ -729,7 +780,9 @@ def loop2_train(run: Run, dataset_dir: str, out_dir: str, iteration: int) -> dic
     specialist = storage.join(out_dir, "specialist")
     out = {"checkpoint": specialist, "peft": storage.join(out_dir, "peft") if tcfg.mode == "lora" else "",
            "first_loss": res.first_loss, "final_loss": res.final_loss, "steps": res.steps,
-           "examples": len(ds), "dir": out_dir, "manifest": ds.manifest, "resumed_from": res.resumed_from}
+           "examples": len(ds), "dir": out_dir, "manifest": ds.manifest, "resumed_from": res.resumed_from,
+           "recipe": {**(recipe or {}), "learning_rate": tcfg.learning_rate, "epochs": tcfg.epochs,
+                      "max_steps": tcfg.max_steps, "lora_rank": tcfg.lora_rank, "lora_alpha": tcfg.lora_alpha}}
     trained = res.model
     del res, model  # from here one trained copy is held, merged in place: at most two with the gathers
     # Every host joins the gathers inside these; only host 0 writes files.
@@ -795,12 +848,33 @@ def phase_final_eval(run: Run) -> dict:
     log.info(_progress_line("final", s))
     log.info("redundant-write rate: baseline %.1f%% -> final %.1f%%", 100 * hb["redundant_write_rate"],
              100 * hf_["redundant_write_rate"])
-    return {"summary": storage.join(out, "summary.json"), "baseline_summary": storage.join(base_dir, "summary.json"),
-            "iteration": None if best is None else best["iteration"],
-            "final": {"average_progress": s["average_progress"], "standard_error": s["standard_error"], **hf_},
-            "baseline": {"average_progress": base["average_progress"], "standard_error": base["standard_error"],
-                         **hb},
-            "tokens_in": run.tokens_in, "tokens_out": run.tokens_out}
+    result = {"summary": storage.join(out, "summary.json"), "baseline_summary": storage.join(base_dir, "summary.json"),
+              "iteration": None if best is None else best["iteration"], "chosen_on": "eval.seeds",
+              "final": {"average_progress": s["average_progress"], "standard_error": s["standard_error"], **hf_},
+              "baseline": {"average_progress": base["average_progress"], "standard_error": base["standard_error"],
+                           **hb},
+              "tokens_in": run.tokens_in, "tokens_out": run.tokens_out}
+    held = heldout_seeds(cfg)
+    if held:
+        # The system was picked on the eval seeds; these seeds say whether the pick generalises.
+        structure = best_structure(run)
+        fh_dir, bh_dir = run.path("eval", "final_heldout"), run.path("eval", "baseline_heldout")
+        if best is None:
+            fh = _eval_once(run, fh_dir, lambda d: run.evaluate(structure, d, held))
+        else:
+            fh = _eval_once(run, fh_dir, lambda d: run.evaluate(structure, d, held,
+                                                                specialist=best["train"]["checkpoint"],
+                                                                adapter=best["train"].get("peft") or None))
+        bh = _eval_once(run, bh_dir, lambda d: run.evaluate(load_structure(cfg), d, held))
+        log.info(_progress_line("final (held-out seeds)", fh))
+        result["heldout"] = {
+            "seeds": held, "summary": storage.join(fh_dir, "summary.json"),
+            "baseline_summary": storage.join(bh_dir, "summary.json"),
+            "final": {"average_progress": fh["average_progress"], "standard_error": fh["standard_error"],
+                      **_hygiene(fh)},
+            "baseline": {"average_progress": bh["average_progress"], "standard_error": bh["standard_error"],
+                         **_hygiene(bh)}}
+    return result
 
 
 def phase_export(run: Run) -> dict:

@@ -107,6 +107,7 @@ def validate_config(cfg, phases: list[str]):
                      if cfg.env.structure else ph.load_structure(cfg))
         structure.validate()
         _check_levels(cfg, names)
+        _check_nle_text(cfg)
         for field in ("eval.seeds", "bootstrap.seeds"):
             sec, key = field.split(".")
             try:
@@ -115,6 +116,8 @@ def validate_config(cfg, phases: list[str]):
                 raise ValueError(f"{field}: {e}") from None
         if cfg.final_eval.seeds:
             ph.parse_seeds(cfg.final_eval.seeds)
+        _check_heldout(cfg, phases)
+        _check_loop2_choices(cfg)
         for sec in ("bootstrap", "loop2"):
             try:
                 tcfg = ph.train_config(cfg[sec].train)
@@ -148,8 +151,55 @@ def validate_config(cfg, phases: list[str]):
     return model_cfg
 
 
+def _check_heldout(cfg, phases: list[str]) -> None:
+    """eval.heldout_seeds must share no seed with any set the run learns or chooses on."""
+    from launch import phases as ph
+    text = cfg.eval.get("heldout_seeds", "")
+    if not text:
+        return
+    try:
+        held = set(ph.parse_seeds(text))
+    except ValueError as e:
+        raise ValueError(f"eval.heldout_seeds: {e}") from None
+    evals = ph.parse_seeds(cfg.eval.seeds)
+    others = {"eval.seeds": evals,
+              # the same draw phase_collect makes
+              "collect seeds": ph.collect_seeds(cfg.collect.episodes, cfg.collect.seed_base, evals)}
+    if cfg.bootstrap.enabled:
+        others["bootstrap.seeds"] = ph.parse_seeds(cfg.bootstrap.seeds)
+    for name, seeds in others.items():
+        both = sorted(held & set(seeds))
+        if both:
+            raise ValueError(f"eval.heldout_seeds {text!r} overlap {name} at {both[:10]}: held-out seeds must be "
+                             "disjoint from every seed the run trains or chooses on")
+
+
+def _check_loop2_choices(cfg) -> None:
+    """loop2.max_examples and the decider's menu."""
+    l2 = cfg.loop2
+    cap = l2.get("max_examples", 0)
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+        raise ValueError(f"loop2.max_examples {cap!r}: expected an integer >= 0 (0 = no cap)")
+    if cap and cap < l2.min_examples:
+        raise ValueError(f"loop2.max_examples {cap} is below loop2.min_examples {l2.min_examples}")
+    d = l2.get("decider")
+    if not d or not d.get("enabled", False):
+        return
+    from automem_jax.loops.decider import Options
+    try:
+        opts = Options.from_config(l2, l2.train.lora_rank)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"loop2.decider: {e}") from None
+    over = [r for r in opts.lora_ranks if r > l2.train.lora_rank]
+    if over:
+        # Replicas are started for loop2.train.lora_rank; a larger adapter would not load.
+        raise ValueError(f"loop2.decider.lora_ranks {over} exceed loop2.train.lora_rank {l2.train.lora_rank}")
+
+
 def _critic_used(cfg, phases: list[str]) -> bool:
-    return "loop1" in phases or ("loop2" in phases and cfg.loop2.judge == "critic")
+    d = cfg.loop2.get("decider") or {}
+    decides = bool(d.get("enabled", False) and d.get("use_critic", True))
+    return "loop1" in phases or ("loop2" in phases and (cfg.loop2.judge == "critic" or decides))
 
 
 def _first_line(e: BaseException) -> str:
@@ -187,6 +237,18 @@ def _check_placeholders(cfg, phases: list[str]) -> None:
         value = cfg[sec].get(key, "")
         if is_placeholder(value):
             raise ValueError(f"{field} {value!r} is a placeholder; pass --config.{field}=...")
+
+
+def _check_nle_text(cfg) -> None:
+    from automem_jax.envs.describe_nle import TEXT_STYLES
+    from automem_jax.envs.nethack import parse_extra_commands
+    style = cfg.env.get("text_style", "balrog")
+    if style not in TEXT_STYLES:
+        raise ValueError(f"env.text_style {style!r}: expected one of {', '.join(TEXT_STYLES)}")
+    try:
+        parse_extra_commands(cfg.env.get("extra_commands", ""))
+    except ValueError as e:
+        raise ValueError(f"env.extra_commands: {e}") from None
 
 
 def _check_levels(cfg, names: list[str]) -> None:

@@ -371,3 +371,45 @@ def test_any_replies_give_a_valid_action(replies, two_model):
         assert len(rec.log.turns) <= 3 and len(rec.plan.turns) <= (5 if two_model else 3)
         json.dumps(rec.to_dict())
         obs = env.step(action)[0]
+
+
+def test_completions_are_stripped_before_parsing():
+    # Upstream's client strips each completion: the chat and the trace keep the stripped text.
+    env = CorridorEnv()
+    agent = MemoryAgent.for_env(small_structure(), env)
+    seen = []
+
+    def respond(r):
+        seen.append(r)
+        return Completion("\n  <|COUNT|>actions_log.txt|cell<|END|>  \n") if turn_index(r) == 0 \
+            else "  <|ACTION|>right<|END|>\n\n"
+
+    action, rec = drive(agent.act(env.reset()), respond)
+    assert action == "right"
+    assert [t.response for t in rec.plan.turns] == ["<|COUNT|>actions_log.txt|cell<|END|>",
+                                                   "<|ACTION|>right<|END|>"]
+    assert seen[1].messages[1] == {"role": "assistant", "content": "<|COUNT|>actions_log.txt|cell<|END|>"}
+
+
+def test_crafter_fallback_is_upstreams_lower_case_noop():
+    # No action committed: upstream's Crafter fallback 'noop' is not a Crafter action, so the step is
+    # invalid and the env's default Noop runs.
+    from automem_jax.envs import describe_crafter as dc
+    s = MemoryStructure.default("crafter")
+    assert s.fallback_action == "noop"
+    agent = MemoryAgent(s, actions=dc.ACTIONS, default_action=dc.DEFAULT_ACTION)
+    action, rec = drive(agent.act(Obs("You see grass.", "inventory")), lambda r: "I am not sure.")
+    assert (rec.plan.final_action, rec.plan.fallback, rec.raw_action) == ("noop", True, "noop")
+    assert (action, rec.validated_action, rec.action_valid) == ("Noop", "Noop", False)
+
+
+def test_unchanged_detector_sees_the_invalid_action_notice():
+    from automem_jax.envs.base import Obs as EnvObs, with_invalid_notice
+    agent = MemoryAgent.for_env(small_structure(), CorridorEnv())
+    same = EnvObs("You are in cell 0 of the corridor.", "You carry nothing.")
+    reply = lambda r: "<|DONE|>" if r.phase == "log" else "<|ACTION|>left<|END|>"  # noqa: E731
+    counts = []
+    for obs in (same, with_invalid_notice(same, "left"), with_invalid_notice(same, "left"), same):
+        counts.append(drive(agent.act(obs), reply)[1].unchanged_count)
+    # The full text is compared: the notice makes an otherwise equal observation differ.
+    assert counts == [0, 0, 1, 0]

@@ -21,11 +21,11 @@ GiB = 1024 ** 3
 # name -> (env family, upstream effective batch, upstream min_examples, eval seeds per task)
 CONFIGS = {
     "crafter_qwen25_32b": ("crafter", 32, 600, 10),
-    "minihack_qwen25_32b": ("minihack", 16, 300, 5),
-    "nethack_qwen25_32b": ("nethack", 32, 800, 5),
+    "minihack_qwen25_32b": ("minihack", 16, 300, 10),
+    "nethack_qwen25_32b": ("nethack", 32, 800, 10),
     "crafter_qwen25_7b": ("crafter", 32, 600, 10),
-    "minihack_qwen25_7b": ("minihack", 16, 300, 5),
-    "nethack_qwen25_7b": ("nethack", 32, 800, 5),
+    "minihack_qwen25_7b": ("minihack", 16, 300, 10),
+    "nethack_qwen25_7b": ("nethack", 32, 800, 10),
 }
 # Fields a config may add beyond tiny.py's schema (the Boxoban levels folder, MiniHack only).
 ALLOWED_EXTRA = {"env.levels_path"}
@@ -99,7 +99,9 @@ def test_protocol(name):
     assert (c.collect.episodes, c.collect.seed_base) == (100, 999)
     assert (c.inference.max_len, c.inference.max_tokens, c.inference.temperature) == (32768, 4096, 1.0)
     assert c.inference.max_batch >= 2 * c.env.num_envs
-    assert len(_parse_seeds(c.eval.seeds)) == n_seeds and _parse_seeds(c.eval.seeds)[0] == 42
+    assert _parse_seeds(c.eval.seeds) == list(range(42, 42 + n_seeds))  # upstream's drivers: 42..51
+    # BALROG's invalid-action feedback on; NetHack keeps BALROG's action space exactly.
+    assert c.env.feedback_on_invalid_action is True and c.env.extra_commands == "" and c.env.text_style == "balrog"
     assert c.env.max_steps == c.collect.max_steps == {"crafter": 2000, "minihack": 100, "nethack": 100000}[family]
     assert c.critic.kind == "openai" and c.critic.api_key_env == "OPENAI_API_KEY"
     assert not c.bootstrap.enabled and "bootstrap" not in c.phases.split(",")
@@ -479,3 +481,19 @@ def test_05b_bootstrap_warm_starts_the_checkpoint(random_checkpoint, tmp_path):
     summary = json.loads((wd / "eval" / "baseline" / "summary.json").read_text())
     assert summary["episodes"] == 2
     assert "bootstrap/model" in r.stdout and f"engine {model_dir}" in r.stdout, r.stdout[-3000:]
+
+
+def test_env_switches_reach_the_runner(tiny_flat):
+    from types import SimpleNamespace
+
+    from launch.phases import Run
+    assert tiny_flat["env.feedback_on_invalid_action"] is True and tiny_flat["env.extra_commands"] == ""
+    cfg = importlib.import_module("configs.tiny").get_config()
+    run = SimpleNamespace(cfg=cfg)
+    assert Run.env_kwargs(run, "crafter") == {"feedback_on_invalid_action": True}
+    cfg.env.feedback_on_invalid_action, cfg.env.extra_commands = False, "travel"
+    assert Run.env_kwargs(run, "nethack") == {"feedback_on_invalid_action": False, "extra_commands": "travel",
+                                              "text_style": "balrog"}
+    cfg.env.text_style = "exact"
+    mh = Run.env_kwargs(run, "minihack:Corridor-R3")
+    assert "extra_commands" not in mh and mh["text_style"] == "exact"  # extra commands: NetHack only

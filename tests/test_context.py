@@ -100,8 +100,9 @@ def test_recent_actions_numbering():
     assert block("recent_actions", EpisodeHistory.from_steps(["a"])) == ""
 
 
-def test_map_analysis_reads_the_map_section():
-    out = block("map_analysis", EpisodeHistory.from_steps([NLE_MAP]))
+@pytest.mark.parametrize("style", ["upstream", "corrected"])
+def test_map_analysis_reads_the_map_section(style):
+    out = block("map_analysis", EpisodeHistory.from_steps([NLE_MAP]), style=style)
     lines = out.splitlines()
     assert lines[0] == "=== MAP ANALYSIS ==="
     assert "*** STAIRS ON MAP: '>' about 17 tiles northeast" in out
@@ -115,16 +116,49 @@ def test_map_analysis_reads_the_map_section():
     assert "BLOCKED" not in out
 
 
+SMALL_MAP = "map:\n ----\n\n |@.\ninventory:\na: x"
+
+
+def _dirs(out, head):
+    line = next((ln for ln in out.splitlines() if ln.startswith(head + ": ")), "")
+    return sorted(part.split(" ")[0] for part in line[len(head) + 2:].split(", ") if part)
+
+
 def test_map_analysis_keeps_geometry_and_edges():
-    # the blank row above '@' is rock, not the wall two rows up (upstream dropped blank rows)
-    text = "map:\n ----\n\n |@.\ninventory:\na: x"
-    out = block("map_analysis", EpisodeHistory.from_steps([text]))
+    # corrected: the blank row above '@' is rock, not the wall two rows up (upstream dropped blank rows)
+    out = block("map_analysis", EpisodeHistory.from_steps([SMALL_MAP]), style="corrected")
     assert "north (rock/void)" in out and "northeast (rock/void)" in out
     assert "west (wall '|')" in out and "CAN MOVE: east ('.')" in out
     assert "south (edge of map)" in out
-    stairs = block("map_analysis", EpisodeHistory.from_steps(["map:\n.@>\n..."]))
-    assert "*** STAIRS ADJACENT: east -> '>' STAIRS DOWN, go there" in stairs
-    assert block("map_analysis", EpisodeHistory.from_steps(["You see a tree."])) == ""
+    for style in ("upstream", "corrected"):
+        stairs = block("map_analysis", EpisodeHistory.from_steps(["map:\n.@>\n..."]), style=style)
+        assert "*** STAIRS ADJACENT: east -> '>' STAIRS DOWN, go there" in stairs
+        assert block("map_analysis", EpisodeHistory.from_steps(["You see a tree."]), style=style) == ""
+
+
+def test_map_analysis_upstream_quirks():
+    # The default is upstream's parse_nle_map, quirks kept.
+    h = EpisodeHistory.from_steps([SMALL_MAP])
+    assert block("map_analysis", h) == block("map_analysis", h, style="upstream")
+    out = block("map_analysis", h)
+    # The blank row is dropped, so the wall two rows up reads as north; "a: x" (half letters) is kept
+    # as the row below '@', so south is its blank, southeast the letter x and southwest the ':'.
+    assert _dirs(out, "BLOCKED") == ["north", "northeast", "northwest", "south", "southwest", "west"]
+    assert "north (wall '-')" in out and "south (rock/void)" in out and "southwest (':')" in out
+    assert "MONSTERS ADJACENT: southeast -> 'x' monster" in out
+    assert _dirs(out, "CAN MOVE") == ["east", "southeast"]
+    # Past the end of a (right-stripped) row is the map's edge, and another '@' is an unknown tile.
+    short = EpisodeHistory.from_steps(["map:\n..\n.@@\n..."])
+    up = block("map_analysis", short)
+    fixed = block("map_analysis", short, style="corrected")
+    assert "northeast (edge of map)" in up and "east ('@')" in up
+    assert "northeast (rock/void)" in fixed and "MONSTERS ADJACENT: east -> '@'" in fixed
+    # The player's row is found anywhere in the text, not only in the map: section.
+    loose = block("map_analysis", EpisodeHistory.from_steps(["...\n.@>"]))
+    assert "*** STAIRS ADJACENT: east" in loose
+    with_header = block("map_analysis", EpisodeHistory.from_steps(["...\n.@>"]), style="corrected")
+    assert "*** STAIRS ADJACENT: east" in with_header  # no map: header, any row with '@' will do
+    assert block("map_analysis", h, style="sideways").startswith("[context block map_analysis failed")
 
 
 def test_stuck_counter():

@@ -345,6 +345,59 @@ def test_llm_critic_judge_parses_decisions_and_rejects_what_it_skipped():
     assert "candidate id=\"c\"" in srv.requests[0]["messages"][1]["content"]
 
 
+def _context_cand(cid, first_prompt, results=""):
+    obs = f"[{cid}] A zombie stands two steps north. Health 5/9, Food 6/9."
+    memory = {"dangers.txt": f"[{cid}] zombies hit for 2 at night", "actions_log.txt": f"[{cid}] Step 4: slept"}
+    msgs = [{"role": "user", "content": first_prompt + "\n" + obs},
+            {"role": "assistant", "content": "<|SEARCH|>dangers.txt|zombie<|END|>"},
+            {"role": "user", "content": "Results of your commands:\n" + (results or "zombies hit for 2 at night")},
+            {"role": "assistant", "content": "<|APPEND|>dangers.txt|zombie north at step 5<|END|>\n<|DONE|>"}]
+    turns = [{"prompt": msgs[0]["content"], "response": msgs[1]["content"],
+              "ops": [_op("SEARCH", "dangers.txt", "zombie", text="zombies hit for 2 at night")], "tool_results": ""},
+             {"prompt": msgs[2]["content"], "response": msgs[3]["content"],
+              "ops": [_op("APPEND", "dangers.txt", "zombie north at step 5", text="[Appended]"), _op("DONE")],
+              "tool_results": "[Appended to dangers.txt]"}]
+    return {"id": cid, "episode": 0, "step": 5, "phase": "log", "messages": msgs, "turns": turns,
+            "observation": obs, "memory_before": memory, "prev_action": "Do", "reward": 0.0,
+            "progression_delta": 0.0, "redundant_writes": 0, "empty_searches": 0}
+
+
+def test_llm_critic_judge_sends_observation_memory_and_turns_over_http():
+    cands = [_context_cand("a", "Fixed LOG instructions."), _context_cand("b", "Fixed LOG instructions.")]
+    answer = json.dumps([{"id": "a", "decision": "accept", "reason": "new danger"},
+                         {"id": "b", "decision": "reject", "reason": "dup"}])
+    with ScriptedCriticServer([answer]) as srv:
+        critic = make_critic({"kind": "openai", "base_url": srv.base_url, "model": "m", "judge_token_budget": 3000})
+        out = critic.judge(cands)
+    assert [o["decision"] for o in out] == ["accept", "reject"]
+    sent = srv.requests[0]["messages"][1]["content"]  # the judge's actual HTTP input
+    for c in cands:
+        assert c["observation"] in sent and all(text in sent for text in c["memory_before"].values())
+        assert all(m["content"] in sent for m in c["messages"][1:])  # replies and the results prompt
+        assert "[Appended to dangers.txt]" in sent and "APPEND(dangers.txt, zombie north at step 5)" in sent
+    assert "previous action (its outcome is what LOG records): Do" in sent
+    report = critic.render_log[0]
+    assert report["candidates"] == 2 and report["clipped"] == 0 and report["budget_tokens"] == 3000
+    assert report["counter"] == "chars/4 estimate" and report["tokens"] > 0 and "prompt_tokens" in report
+
+
+def test_llm_critic_judge_clips_over_budget_but_keeps_observation_and_memory():
+    long_prompt = "Always follow the memory rules below. " * 500  # ~19k characters of fixed text
+    cands = [_context_cand("a", long_prompt, results="old result line. " * 400)]
+    with ScriptedCriticServer([json.dumps([{"id": "a", "decision": "accept", "reason": "fine"}])]) as srv:
+        critic = make_critic({"kind": "openai", "base_url": srv.base_url, "model": "m", "judge_token_budget": 400})
+        critic.judge(cands)
+    sent = srv.requests[0]["messages"][1]["content"]
+    c = cands[0]
+    assert c["observation"] in sent and all(text in sent for text in c["memory_before"].values())
+    assert c["messages"][-1]["content"] in sent  # the reply being judged
+    assert long_prompt[:2000] not in sent and "characters omitted" in sent
+    report = critic.render_log[0]
+    assert report["clipped"] == 1 and report["over_budget"] == 0 and report["tokens"] <= 400
+    with pytest.raises(ValueError, match="judge_token_budget must be an integer >= 1"):
+        make_critic({"kind": "openai", "base_url": srv.base_url, "model": "m", "judge_token_budget": 0})
+
+
 def test_make_critic_validates_the_spec(monkeypatch):
     assert isinstance(make_critic({"kind": "heuristic", "seed": 3}), HeuristicCritic)
     with pytest.raises(ValueError, match="critic.kind must be one of openai, heuristic"):

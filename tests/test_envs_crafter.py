@@ -43,3 +43,15 @@ def test_seed_fixes_the_world():
     assert a.long_term == b.long_term
     assert (a.extras["local_view"] == b.extras["local_view"]).all()
     assert a.long_term != c.long_term
+
+
+def test_lower_case_noop_is_invalid_and_runs_noop():
+    # Upstream's Crafter fallback 'noop' is not one of Crafter's action strings.
+    from automem_jax.envs.base import invalid_action_notice, with_invalid_notice
+    env = make("crafter")
+    env.reset(seed=3)
+    obs, _, _, _, info = env.step("noop")
+    assert (info["action"], info["raw_action"], info["invalid_action"]) == ("Noop", "noop", True)
+    noted = with_invalid_notice(obs, info["action"])
+    assert noted.long_term == invalid_action_notice("Noop") + obs.long_term
+    assert noted.text.startswith("NOTE: your previous output was not a valid action") and noted.short_term == obs.short_term

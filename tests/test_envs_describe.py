@@ -244,3 +244,65 @@ def test_text_checks_reject_malformed():
                 good["long"] + "\n- cow 1 step to your south"):
         assert not LONG_RE.fullmatch(bad)
     assert LONG_RE.fullmatch(good["long"]) and SHORT_RE.fullmatch(good["short"])
+
+
+# -- NetHack / MiniHack (BALROG's text; the byte-for-byte check against the C++ is test_nle_reference) --
+def _screen(rows_at):
+    tty = np.full((24, 80), 32, np.uint8)
+    for row, col, text in rows_at:
+        tty[row, col:col + len(text)] = np.frombuffer(text.encode("latin-1"), np.uint8)
+    return tty
+
+
+def test_nle_message_rules():
+    from automem_jax.envs import describe_nle as dn
+
+    assert dn.text_message(_screen([])) == ""
+    assert dn.text_message(_screen([(0, 0, "Hello Agent."), (5, 10, "#####")])) == "Hello Agent."
+    # A window read from the top line's indent to its pager mark, blank rows skipped.
+    menu = [(0, 30, "Things that are here:"), (1, 30, "a dagger"), (3, 30, "a ring"), (4, 30, "--More--")]
+    assert dn.text_message(_screen(menu)) == "Things that are here:\na dagger\na ring\n--More--"
+    assert dn.text_message(_screen([(0, 2, "Pick one"), (1, 2, "a - x"), (2, 2, "(1 of 2)")])) == \
+        "Pick one\na - x\n(1 of 2)"
+    # (n of m) counts only with one-digit numbers; without a mark only the top line is the message.
+    assert dn.text_message(_screen([(0, 0, "Pick one"), (1, 0, "(12 of 13)")])) == "Pick one"
+    # A death screen (Points on row 1) ends after two blank rows, each kept row ending in a newline.
+    death = [(0, 0, "Goodbye."), (1, 0, " No  Points  Name"), (2, 0, "  1   123  you"), (6, 0, "later")]
+    assert dn.text_message(_screen(death)) == "Goodbye.\nNo  Points  Name\n1   123  you\n"
+    # The C++ trim reads a row whose only mark is in the last column as blank.
+    assert dn.text_message(_screen([(0, 79, "z")])) == ""
+
+
+def test_nle_inventory_and_rewrite():
+    from automem_jax.envs import describe_nle as dn
+
+    inv = np.zeros((55, 80), np.uint8)
+    letters = np.zeros(55, np.uint8)
+    for i, (k, s) in enumerate([("a", "a +1 long sword (weapon in hand)"), ("$", "12 gold pieces")]):
+        inv[i, :len(s)] = np.frombuffer(s.encode(), np.uint8)
+        letters[i] = ord(k)
+    assert dn.text_inventory(inv, letters) == "a: a +1 long sword (weapon in hand)\n$: 12 gold pieces"
+    assert dn.automem_rewrite("kitten very near northnortheast\ndoor adjacent east and far westsouthwest; "
+                              "nearby") == ("kitten 2 steps away between north and northeast\ndoor 1 step "
+                                            "away (directly reachable) east and 5-8 steps away between "
+                                            "west and southwest; nearby")
+
+
+def test_nle_text_styles():
+    from automem_jax.envs.nethack import NetHackTextEnv
+
+    env, other = NetHackTextEnv("Corridor-R3"), NetHackTextEnv("Corridor-R3", text_style="exact")
+    balrog, exact = env.reset(seed=3), other.reset(seed=3)
+    env.close()
+    other.close()
+    with pytest.raises(ValueError, match="text_style"):
+        NetHackTextEnv("Corridor-R3", text_style="nle")
+    assert len(balrog.extras["map"]) == 23 and all(len(r) == 80 for r in balrog.extras["map"])
+    assert balrog.long_term.endswith("\n\n") and balrog.short_term.startswith("inventory:\n")
+    # "exact": step counts and hyphenated 16-point directions; BALROG: buckets as AutoMem rewrote them.
+    assert "horizontal wall 2 steps north, south, southwest, and northwest" in exact.extras["around"]
+    assert "horizontal wall 2 steps away north, south, southwest, and northwest" in balrog.extras["around"]
+    assert "closed door 2 steps south-southwest" in exact.extras["around"]
+    assert "horizontal closed door 2 steps away between south and southwest" in balrog.long_term
+    assert all(r == r.rstrip() for r in exact.extras["map"])
+    assert balrog.long_term != exact.long_term

@@ -5,14 +5,16 @@ import numpy as np
 import pytest
 
 from automem_jax.envs import EpisodeOverError, make
-from automem_jax.envs.describe_nle import _DIR16, direction
+from automem_jax.envs.describe_nle import automem_rewrite, direction
 from automem_jax.envs.nethack import MINIHACK_ACTION_NAMES, NetHackTextEnv
 from automem_jax.envs.progression import (BL_DEPTH, BL_XP, NETHACK_DLVL, NETHACK_XP, MiniHackProgress,
                                           NetHackProgress, nethack_milestone)
 
-_DIR = "|".join(sorted(_DIR16, key=len, reverse=True))
-AROUND_LINE = re.compile(rf".+ \d+ steps? (?:{_DIR})(?:(?:, and |, | and )(?:{_DIR}))*")
-CURSOR = re.compile(rf"(?:Yourself a .+|.+ \d+ steps? (?:{_DIR})|)\n\(x=(\d+), y=(\d+)\)")
+# BALROG's distances and directions as AutoMem rewrote them.
+_DIR = r"(?:north|south)(?:east|west)?|east|west|between (?:north|south|east|west) and (?:north|south)(?:east|west)"
+_DIST = r"1 step away \(directly reachable\)|2 steps away|3-4 steps away|5-8 steps away|9\+ steps away"
+AROUND_LINE = re.compile(rf".+ (?:{_DIST}) (?:{_DIR})(?:(?:, and |, | and )(?:{_DIR}))*")
+CURSOR = re.compile(rf"(?:Yourself a .*|(?:{_DIST}) (?:{_DIR}) .*|)\n\(x=(\d+), y=(\d+)\)")
 
 
 def assert_hybrid_text(obs, done):
@@ -22,7 +24,7 @@ def assert_hybrid_text(obs, done):
     assert m, lt
     message, around, cursor, screen = m.groups()
     assert "\n\nmap:\n" not in around + cursor
-    assert message == obs.extras["message"]
+    assert message == automem_rewrite(obs.extras["message"])
     if not done:
         assert "--More--" not in message
     for line in filter(None, around.split("\n")):
@@ -30,8 +32,8 @@ def assert_hybrid_text(obs, done):
     c = CURSOR.fullmatch(cursor)
     assert c and 0 <= int(c.group(1)) < 80 and 0 <= int(c.group(2)) < 24, cursor
     rows = screen.split("\n")
-    assert len(rows) == 23 and all(len(r) <= 80 for r in rows)
-    assert rows == obs.extras["map"]
+    assert len(rows) == 23 and all(len(r) == 80 for r in obs.extras["map"])
+    assert rows == [automem_rewrite(r) for r in obs.extras["map"]]
     assert st.startswith("inventory:\n") and st.endswith("\n")
     for line in filter(None, st[len("inventory:\n"):-1].split("\n")):
         assert re.fullmatch(r"[a-zA-Z$#]: .+", line), line
@@ -67,8 +69,9 @@ def _random_run(env, steps, rng, count_more=True):
 def test_nethack_random_run_200_steps():
     env = make("nethack")
     assert isinstance(env, NetHackTextEnv) and env.default_action == "esc"
-    for a in ("north", "far southwest", "down", "more", "esc", "pray", "travel", "a", "Z", "7", "00", "99"):
+    for a in ("north", "far southwest", "down", "more", "esc", "pray", "seegold", "a", "Z", "7", "00", "99"):
         assert a in env.actions
+    assert "travel" not in env.actions  # BALROG's action space (see test_nethack_actions_are_balrogs)
     assert len(env.actions) == len(set(env.actions))
     episodes, more = _random_run(env, 200, np.random.default_rng(0))
     assert episodes >= 2
@@ -157,8 +160,89 @@ def test_boxoban_needs_levels(tmp_path, monkeypatch):
     assert env.actions == ["north", "east", "south", "west"]
     obs = env.reset(seed=0)
     assert_hybrid_text(obs, False)
-    assert "boulder 1 step east" in obs.long_term
+    assert "boulder 1 step away (directly reachable) east" in obs.long_term
     obs, reward, terminated, truncated, info = env.step("east")  # push the boulder onto the fountain
     assert terminated and env.progression() == 1.0
     with pytest.raises(ValueError, match="boxoban_levels="):  # the path did not leak into later envs
         make("minihack:Boxoban-Medium")
+
+
+def _balrog_nethack_actions():
+    """BALROG's language_action_space for NetHack, rebuilt here from NLE independently of the env.
+
+    BALROG keeps the entries of NLE's language-wrapper table that equal one of USEFUL_ACTIONS and
+    takes each entry's first name. NLE actions compare by key code, so the text keys USEFUL_ACTIONS
+    keeps ('+', '"', '$') bring in the commands on those keys (seespells, seeamulet, seegold). The
+    table's order is by action group, and within the commands NLE's enum order with esc moved
+    before engrave and fire before fight.
+    """
+    from nle.nethack import USEFUL_ACTIONS
+    from nle.nethack import actions as A
+
+    dirs = {"N": "north", "E": "east", "S": "south", "W": "west", "NE": "northeast", "SE": "southeast",
+            "SW": "southwest", "NW": "northwest"}
+    command_of = {int(c): c for c in A.Command}
+    group = {A.CompassDirection: 0, A.CompassDirectionLonger: 1, A.MiscDirection: 2, A.MiscAction: 3,
+             A.Command: 4, A.TextCharacters: 5}
+    cmd_order = [c.name for c in A.Command]
+    for first, second in (("ESC", "ENGRAVE"), ("FIRE", "FIGHT")):
+        cmd_order.remove(first)
+        cmd_order.insert(cmd_order.index(second), first)
+    entries = []
+    for a in USEFUL_ACTIONS:
+        a = command_of.get(int(a), a) if isinstance(a, A.TextCharacters) else a
+        kind = type(a)
+        if kind is A.CompassDirection:
+            name, rank = dirs[a.name], list(A.CompassDirection).index(a)
+        elif kind is A.CompassDirectionLonger:
+            name, rank = "far " + dirs[a.name], list(A.CompassDirectionLonger).index(a)
+        elif kind is A.Command:
+            name, rank = ("turnundead" if a.name == "TURN" else a.name.lower()), cmd_order.index(a.name)
+        else:
+            name, rank = a.name.lower(), list(kind).index(a)
+        entries.append((group[kind], rank, name))
+    named = [n for _, _, n in sorted(entries)]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    return named + letters + [str(d) for d in range(10)] + [f"{d:02d}" for d in range(100)]
+
+
+def test_nethack_actions_are_balrogs():
+    env = NetHackTextEnv("nethack")
+    expected = _balrog_nethack_actions()
+    assert len(expected) == 248 and env.actions == expected
+    # Spot checks against BALROG's list: its table order, the shared-key commands, no extras.
+    a = env.actions
+    assert a[:4] == ["north", "east", "south", "west"] and a[16:20] == ["up", "down", "wait", "more"]
+    assert a.index("esc") < a.index("engrave") < a.index("enhance")
+    assert a.index("fire") == a.index("fight") - 1
+    assert a[a.index("zap") + 1:a.index("zap") + 3] == ["space", "a"] and a[-1] == "99"
+    for name in ("seeamulet", "seegold", "seespells", "turnundead", "versionshort"):
+        assert name in a
+    for name in ("annotate", "overview", "teleport", "travel", "minus", "apos", "plus", "quote", "dollar",
+                 "help", "extcmd", "save", "quit"):
+        assert name not in a
+    # The instruction lists exactly the named actions, one per line.
+    listed = [ln.split(":")[0] for ln in env.instruction.split("\n\n")[1].splitlines()]
+    assert listed == a[:a.index("a")]
+    env.close()
+
+
+def test_nethack_extra_commands_are_opt_in():
+    env = NetHackTextEnv("nethack", extra_commands="travel, overview,minus")
+    base = _balrog_nethack_actions()
+    named = base[:base.index("a")]
+    assert env.actions == named + ["travel", "overview", "minus"] + base[len(named):]
+    listed = [ln.split(":")[0] for ln in env.instruction.split("\n\n")[1].splitlines()]
+    assert listed[-3:] == ["travel", "overview", "minus"]
+    env.reset(seed=42)
+    _, _, _, _, info = env.step("travel")
+    assert not info["invalid_action"] and info["action"] == "travel"
+    env.close()
+    plus = NetHackTextEnv("nethack", extra_commands=("plus",))
+    assert plus._action_keys["plus"] == plus._action_keys["seespells"]  # the same '+' key
+    plus.close()
+    with pytest.raises(ValueError, match="unknown extra_commands"):
+        NetHackTextEnv("nethack", extra_commands="fly")
+    with pytest.raises(ValueError, match="NetHack only"):
+        NetHackTextEnv("Corridor-R3", extra_commands="travel")
+

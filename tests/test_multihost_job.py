@@ -212,10 +212,12 @@ def _check_artifacts(wd: str, local: str) -> None:
     assert archive and all("status" in row for row in archive)
     ledger = _jsonl(storage.join(wd, "ledger.jsonl"))
     assert len(ledger) == 1 and ledger[0]["n_examples"] >= 1
+    assert ledger[0]["decision"]["by"] == "initial" and "recipe" in ledger[0]["decision"]
     summary = _json(storage.join(wd, "eval", "final", "summary.json"))
     assert {"model_error_rate", "fallback_rate", "context_overflow_rate"} <= set(summary["health"])
     report = storage.read_text(storage.join(wd, "report", "index.md"))
     assert "baseline" in report.lower() and "redundant" in report.lower() and "fallback" in report.lower()
+    assert "## Held-out seeds" in report and "| held-out | held out: reported only | 50-51 |" in report
     assert any(n.endswith(".png") for n in storage.listdir(storage.join(wd, "report")))
 
     import torch

@@ -90,14 +90,8 @@ def test_extract_candidates_rebuild_the_chat_verbatim(run_dir):
         if c["episode"] == 0:
             line = lines[c["step"]]
             assert msgs[0]["content"] == line[c["phase"]]["initial_prompt"]
-            full = line[c["phase"]]["turns"]
-            if c["phase"] == "log":
-                assert c["turns"] == full
-            else:  # PLAN keeps the consultation: up to the last turn with a memory op
-                assert c["turns"] == full[:len(c["turns"])]
-                has_op = [any(o["op"] not in ("ACTION", "DONE") for o in t["ops"]) for t in full]
-                if any(has_op):
-                    assert len(c["turns"]) == max(i for i, h in enumerate(has_op) if h) + 1
+            # one model, no failed call: every turn of the phase, as upstream's examples hold them
+            assert c["turns"] == line[c["phase"]]["turns"]
     # step 1 LOG (p=0): search, then append + DONE; the second user message carries the results
     two = ids[f"{prefix}/s1/log"]["messages"]
     assert [m["content"] for m in two[1::2]] == [LOG_GOOD_0, LOG_GOOD_1.format(p=0)]
@@ -106,8 +100,9 @@ def test_extract_candidates_rebuild_the_chat_verbatim(run_dir):
     assert ids[f"{prefix}/s2/log"]["redundant_writes"] == 0
     assert ids[f"{prefix}/s6/log"]["redundant_writes"] == 1
     assert ids[f"{prefix}/s3/log"]["empty_searches"] == 1 and ids[f"{prefix}/s3/log"]["redundant_writes"] == 0
-    # PLAN: the search is the consultation; the action-only turn after it is gameplay, left out
-    assert ids[f"{prefix}/s0/plan"]["messages"][1::2] == [{"role": "assistant", "content": PLAN_SEARCH}]
+    # PLAN keeps its trailing action-only turn (upstream's post-processing then drops such an example)
+    assert [m["content"] for m in ids[f"{prefix}/s0/plan"]["messages"][1::2]] == [PLAN_SEARCH, PLAN_ACT]
+    assert P.postprocess(ids[f"{prefix}/s0/plan"]) == (None, "action_only")
     assert P.extract_candidates(run_dir, phases=("plan",)) == [c for c in cands if c["phase"] == "plan"]
     s1 = ids[f"{prefix}/s1/log"]
     assert s1["prev_action"] == lines[0]["validated_action"] and s1["memory_before"] == lines[0]["memory_snapshot"]
@@ -157,12 +152,15 @@ def test_action_only_plan_is_dropped():
 
 
 def test_last_turn_without_memory_op_is_dropped():
-    assert P.postprocess(ex("log", LOG_GOOD_0, "<|DONE|>")) == (None, "no_memory_op_after_cut")
     assert P.postprocess(ex("log", "Nothing new.")) == (None, "no_op_in_last_turn")
-    assert P.postprocess(ex("log", "<|DONE|> <|APPEND|>a.txt|late<|END|>")) == (None, "no_memory_op_after_cut")
-    # PLAN is read-only: a write there is not memory use; malformed ops do not count either
-    assert P.postprocess(ex("plan", "<|APPEND|>a.txt|x<|END|>")) == (None, "no_op_in_last_turn")
-    assert P.postprocess(ex("plan", "<|TAIL|>a.txt|many<|END|>")) == (None, "no_op_in_last_turn")
+    # As upstream: DONE counts as an op, and ops are recognised by their tags in any phase
+    out, why = P.postprocess(ex("log", LOG_GOOD_0, "<|DONE|>"))
+    assert why == "ok" and last(out) == "<|DONE|>"
+    out, why = P.postprocess(ex("log", "<|DONE|> <|APPEND|>a.txt|late<|END|>"))
+    assert why == "ok" and last(out) == "<|DONE|>" and out["edits"] == ["done_cut"]
+    for text in ("<|APPEND|>a.txt|x<|END|>", "<|TAIL|>a.txt|many<|END|>", "<|search|>a.txt|x<|end|>"):
+        out, why = P.postprocess(ex("plan", text))
+        assert why == "ok" and last(out) == text
 
 
 def test_text_after_the_last_op_is_trimmed():
@@ -184,11 +182,16 @@ def test_bad_alternation_is_dropped():
     for msgs in ([], good[:1], good[::-1], [good[0], good[0], good[1]], good + [good[0]],
                  [{"role": "system", "content": "s"}] + good, [{"role": "user", "content": None}, good[1]]):
         assert P.postprocess({"phase": "log", "messages": msgs}) == (None, "bad_alternation")
-    assert P.postprocess({"phase": "act", "messages": good}) == (None, "unknown_phase")
+    assert P.postprocess({"messages": good})[1] == "ok"  # phase-agnostic, as upstream
 
 
-def test_log_turn_with_an_action_is_dropped():
-    assert P.postprocess(ex("log", "<|ACTION|>Noop<|END|> <|APPEND|>a.txt|x<|END|>")) == (None, "action_in_log_turn")
+def test_turn_with_an_action_is_cut_before_it_in_any_phase():
+    assert P.postprocess(ex("log", "<|ACTION|>Noop<|END|> <|APPEND|>a.txt|x<|END|>")) == \
+        (None, "no_memory_op_after_cut")
+    out, why = P.postprocess(ex("log", "<|APPEND|>a.txt|x<|END|> <|ACTION|>Noop<|END|>"))
+    assert why == "ok" and last(out) == "<|APPEND|>a.txt|x<|END|>"
+    # an ACTION before DONE survives upstream's rules but fails its post-checks: dropped here
+    assert P.postprocess(ex("log", "<|ACTION|>Noop<|END|><|DONE|>")) == (None, "post_check:action_in_last")
 
 
 def test_verify_is_clean_on_postprocess_output_and_flags_bad_examples(run_dir):
@@ -202,7 +205,7 @@ def test_verify_is_clean_on_postprocess_output_and_flags_bad_examples(run_dir):
         "fence": ex("log", "```\n<|APPEND|>a.txt|x<|END|>\n```"),
         "ACTION": ex("plan", "<|READ|>a.txt<|END|><|ACTION|>Noop<|END|>"),
         "after the last op": ex("log", "<|APPEND|>a.txt|x<|END|> and so on"),
-        "no memory op": ex("log", "<|DONE|>"),
+        "no memory op": ex("log", "Just prose."),
         "alternation": {"id": "alt", "phase": "log", "messages": [{"role": "assistant", "content": "<|DONE|>"}]},
     }
     for what, example in bad.items():
@@ -264,23 +267,30 @@ def test_llm_judge_reads_a_fenced_json_reply():
                            {"role": "assistant", "content": "<|APPEND|>a.txt|x<|END|>"}]}]
     chat = FakeChat('Here you go:\n```json\n[{"id": "craftax/T/ep0/s1/log", "decision": "accept", '
                     '"reason": "new fact"}]\n```')
-    judge = P.LLMJudge(chat, max_chars_per_candidate=2000)
+    judge = P.LLMJudge(chat, token_budget=500)
     assert judge.judge(batch) == [{"id": "craftax/T/ep0/s1/log", "decision": "accept", "reason": "new fact"}]
     prompt = chat.seen[0][-1]["content"]
     assert "craftax/T/ep0/s1/log" in prompt and "<|APPEND|>a.txt|x<|END|>" in prompt
     assert len(prompt) < len(P.DEFAULT_JUDGE_INSTRUCTIONS) + 2500  # the long prompt was clipped
+    assert judge.render_log == [{"candidates": 1, "tokens": judge.render_log[0]["tokens"], "clipped": 1,
+                                 "over_budget": 0, "budget_tokens": 500, "counter": "chars/4 estimate"}]
+    assert 400 < judge.render_log[0]["tokens"] <= 500
 
 
 def test_llm_judge_shows_observation_memory_and_replies_within_bounds(run_dir):
     cands = [c for c in P.extract_candidates(run_dir) if c["step"] == 1]
     chat = FakeChat(json.dumps([{"id": c["id"], "decision": "reject", "reason": "meh"} for c in cands]))
-    got = P.judge_candidates(cands, P.LLMJudge(chat, max_chars_per_candidate=3000))
+    got = P.judge_candidates(cands, P.LLMJudge(chat, token_budget=1500))
     assert [d["decision"] for d in got] == ["reject"] * len(cands)
     prompt = chat.seen[0][0]["content"]
-    assert len(prompt) < len(P.DEFAULT_JUDGE_INSTRUCTIONS) + len(cands) * 3300
+    assert len(prompt) < len(P.DEFAULT_JUDGE_INSTRUCTIONS) + len(cands) * (1500 * 4 + 100)
     for c in cands:
-        assert c["id"] in prompt and c["observation"].splitlines()[0] in prompt
+        # the whole context: observation, every memory file as it was, the previous action, the turns
+        assert c["id"] in prompt and c["observation"] in prompt and c["prev_action"] in prompt
+        assert c["memory_before"] and all(text in prompt for text in c["memory_before"].values())
         assert all(m["content"] in prompt for m in c["messages"][1::2])  # short replies are shown whole
+        for later in c["messages"][2::2]:  # the prompts that carry command results
+            assert later["content"][-200:] in prompt
     assert "previous action (its outcome is what LOG records)" in prompt
 
 
@@ -295,6 +305,62 @@ def test_llm_judge_retries_once_with_the_parse_error_then_rejects_all():
     got = P.judge_candidates(batch, P.LLMJudge(chat))
     assert len(chat.seen) == 2
     assert all(d["decision"] == "reject" and d["source"] == "judge_error" and "unusable" in d["reason"] for d in got)
+
+
+def _big_candidate():
+    obs = "You see a tree to the east and water to the north.\nHealth 9/9, Food 7/9."
+    memory = {"actions_log.txt": "Step 1: moved east\nStep 2: collected wood", "map_notes.txt": "(3,4): water"}
+    instructions = "You are an agent. Follow these rules carefully. " * 400  # long fixed text
+    results = ["Results of your commands:\n" + f"result line of turn {k}. " * 300 for k in range(3)]
+    replies = ["<|SEARCH|>actions_log.txt|wood<|END|>", "<|READ|>map_notes.txt<|END|>",
+               "<|TAIL|>actions_log.txt|2<|END|>", "<|APPEND|>actions_log.txt|Step 3: drank water<|END|>\n<|DONE|>"]
+    msgs = [{"role": "user", "content": instructions + "\n" + obs}]
+    for k, r in enumerate(replies):
+        msgs.append({"role": "assistant", "content": r})
+        if k < len(results):
+            msgs.append({"role": "user", "content": results[k]})
+    return {"id": "craftax/T/ep0/s3/log", "phase": "log", "step": 3, "episode": 0, "reward": 0.0,
+            "messages": msgs, "observation": obs, "memory_before": memory, "prev_action": "Move North"}, results
+
+
+def test_clipping_keeps_observation_memory_and_replies_and_cuts_fixed_text_first():
+    from automem_jax.loops import judging
+    c, results = _big_candidate()
+    text, info = judging.render_candidate(c, token_budget=1200)
+    assert info["clipped"] and not info["over_budget"] and info["tokens"] <= 1200
+    assert c["observation"] in text and all(v in text for v in c["memory_before"].values())
+    assert "Move North" in text and all(m["content"] in text for m in c["messages"][1::2])
+    assert "Follow these rules carefully. " * 20 not in text  # the fixed instructions went first
+    assert results[-1][-300:] in text and results[0][-300:] not in text  # older results before newer
+    whole, info = judging.render_candidate(c, token_budget=100_000)
+    assert not info["clipped"] and all(r in whole for r in results)
+
+    class WordTokenizer:  # any encode(text) -> sequence counts
+        def encode(self, s):
+            return s.split()
+    texts, report = judging.render_batch([c, c], 500, WordTokenizer())
+    assert report["counter"] == "tokenizer" and report["clipped"] == 2 and report["candidates"] == 2
+    assert report["tokens"] == sum(len(t.split()) for t in texts) and report["tokens"] <= 2 * 500
+    assert all(c["observation"] in t for t in texts)
+
+
+def test_judge_render_report_reaches_selection_stats(run_dir, tmp_path):
+    def reply(messages):
+        ids = re.findall(r'### candidate id="([^"]+)"', messages[-1]["content"])
+        return json.dumps([{"id": i, "decision": "accept", "reason": "ok"} for i in ids])
+
+    class EchoChat:
+        def chat(self, messages):
+            return reply(messages)
+    judge = P.LLMJudge(EchoChat(), token_budget=800)
+    out = str(tmp_path / "ds")
+    stats = P.build_iteration_dataset(run_dir, out, judge, min_examples=1, batch_size=4)
+    r = stats["judge_render"]
+    assert r["batches"] == len(judge.render_log) > 1 and r["counter"] == ["chars/4 estimate"]
+    assert r["candidates"] == sum(b["candidates"] for b in judge.render_log) and r["budget_tokens"] == [800]
+    assert r["tokens_rendered"] == sum(b["tokens"] for b in judge.render_log) > 0
+    assert r["clipped"] == sum(b["clipped"] for b in judge.render_log)
+    assert json.load(open(os.path.join(out, "selection_stats.json")))["judge_render"] == r
 
 
 # ----------------------------------------------------------------------------- dataset and loop
@@ -319,7 +385,8 @@ def test_build_iteration_dataset_writes_the_folder_and_resumes(run_dir, tmp_path
     assert all(set(r) >= {"episode", "step", "phase", "decision", "reason"} for r in rows)
     pp = [r for r in rows if r["stage"] == "postprocess"]
     assert pp and all(r["decision"] == "reject" for r in pp)
-    assert {r["reason"] for r in pp} >= {"action_only", "no_memory_op_after_cut", "no_op_in_last_turn"}
+    # (a LOG ending in a bare <|DONE|> is kept, as upstream keeps it: DONE counts as an op)
+    assert {r["reason"] for r in pp} >= {"action_only", "no_op_in_last_turn"}
     selected = _read(os.path.join(out, "selected.jsonl"))
     assert selected and P.verify(selected) == []
     for s in selected:  # rows are what the SFT data builder reads
@@ -412,7 +479,7 @@ def test_run_loop2_writes_ledger_rows_and_resumes_without_redoing_units(run_dir,
     assert r1["dataset_reused_from"] == 0 and r0["dataset_reused_from"] is None
     assert r0["n_examples"] == r0["train"]["examples"] > 0
     assert r0["train"]["first_loss"] == 2.0 and r1["train"]["final_loss"] == pytest.approx(0.9)
-    assert r0["progression_mean"] == pytest.approx(20.0) and r0["progression_se"] == pytest.approx(10.0)
+    assert r0["progression_mean"] == pytest.approx(20.0) and r0["progression_se"] == pytest.approx(10.0 / 2 ** 0.5)  # population sd
     assert [e["progression"] for e in r0["per_episode"]] == [0.1, 0.3]
     assert r0["hygiene"]["redundant_write_rate"] == 0.5 and r0["hygiene"]["ops_per_step"] == 1.0
     assert r0["hygiene"]["context_tokens_per_step"] == 100.0 and r0["hygiene"]["empty_search_rate"] == 0.0
@@ -461,8 +528,11 @@ def test_two_model_consultation_stops_at_the_gameplay_model_and_at_errors(tmp_pa
     cands = _by_id(P.extract_candidates(run))
     assert sorted(cands) == ["nethack/NetHackChallenge-v0/ep0/s0/plan", "nethack/NetHackChallenge-v0/ep0/s1/log"]
     p0 = cands["nethack/NetHackChallenge-v0/ep0/s0/plan"]
-    # The action-only memory turn after the search is not part of the consultation.
-    assert [m["content"] for m in p0["messages"]] == ["p0", "<|SEARCH|>map.txt|stairs<|END|>"]
+    # The memory model's turns, up to the gameplay model's: the last one is action-only, so
+    # post-processing drops the example, as upstream drops such a PLAN.
+    assert [m["content"] for m in p0["messages"]] == ["p0", "<|SEARCH|>map.txt|stairs<|END|>", "results",
+                                                      "Nothing. <|ACTION|>search<|END|>"]
+    assert P.postprocess(p0) == (None, "action_only")
     assert p0["empty_searches"] == 1 and p0["seed"] == 9 and p0["episode_progression"] == 0.25
     l1 = cands["nethack/NetHackChallenge-v0/ep0/s1/log"]
     assert len(l1["messages"]) == 2 and l1["redundant_writes"] == 1  # "door east" was already stored
@@ -479,3 +549,136 @@ def test_dataset_on_gcs(run_dir, gcs_emulator):
     rows = [json.loads(x) for x in storage.read_text(f"{out}/selected.jsonl").splitlines()]
     assert len(rows) == stats["selected"] and P.verify(rows) == []
     assert P.build_iteration_dataset(run_dir, out, StubJudge(lambda b: 1 / 0), min_examples=1) == stats
+
+
+# ----------------------------------------------------------------------------- cap and decider
+
+def _accept_all(batch):
+    return [{"id": c["id"], "decision": "accept", "reason": "ok"} for c in batch]
+
+
+def _sel(phase, ep, n):
+    return [{"id": f"craftax/T/ep{ep}/s{i}/{phase}", "meta": {"env": "craftax", "task": "T", "episode": ep,
+                                                              "step": i, "phase": phase}} for i in range(n)]
+
+
+def test_stratified_cap_keeps_phase_and_episode_shares_and_is_seeded():
+    rows = _sel("log", 0, 30) + _sel("log", 1, 10) + _sel("plan", 0, 20) + _sel("plan", 2, 40)
+    kept, strata = P.stratified_cap(rows, 20, seed=3)
+    assert len(kept) == 20 and [r for r in rows if r in kept] == kept  # original order kept
+    assert strata["log"]["accepted"] == 40 and strata["log"]["kept"] == 8  # 40% of 20
+    assert strata["plan"]["kept"] == 12
+    assert strata["log"]["by_episode"] == {"craftax/T/ep0": [30, 6], "craftax/T/ep1": [10, 2]}
+    assert strata["plan"]["by_episode"] == {"craftax/T/ep0": [20, 4], "craftax/T/ep2": [40, 8]}
+    assert P.stratified_cap(rows, 20, seed=3) == (kept, strata)  # deterministic
+    other, _ = P.stratified_cap(rows, 20, seed=4)
+    assert len(other) == 20 and {r["id"] for r in other} != {r["id"] for r in kept}
+    assert P.stratified_cap(rows, 500, seed=3)[0] == rows
+
+
+def test_build_iteration_dataset_caps_the_selection_and_records_it(run_dir, tmp_path):
+    full = P.build_iteration_dataset(run_dir, str(tmp_path / "all"), StubJudge(_accept_all), min_examples=1)
+    n = full["selected"]
+    assert n > 4 and full["accepted"] == n and full["cap"]["applied"] is False
+    out = str(tmp_path / "cap")
+    stats = P.build_iteration_dataset(run_dir, out, StubJudge(_accept_all), min_examples=1, max_examples=4,
+                                      sample_seed=1)
+    assert stats["selected"] == 4 and stats["accepted"] == n and stats["cap"]["kept"] == 4
+    assert stats["cap"]["applied"] and stats["cap"]["sample_seed"] == 1
+    strata = stats["cap"]["strata"]
+    assert sum(s["kept"] for s in strata.values()) == 4 and sum(s["accepted"] for s in strata.values()) == n
+    assert stats["by_stage"]["cap"] == {"reject": n - 4} and stats["by_reason"]["cap:over_max_examples"] == n - 4
+    rows = _read(os.path.join(out, "review_decisions.jsonl"))
+    capped = [r for r in rows if r["stage"] == "cap"]
+    assert len(capped) == n - 4 and all(r["judge_decision"] == "accept" for r in capped)
+    ids = [s["id"] for s in _read(os.path.join(out, "selected.jsonl"))]
+    again = P.build_iteration_dataset(run_dir, str(tmp_path / "cap2"), StubJudge(_accept_all), min_examples=1,
+                                      max_examples=4, sample_seed=1)
+    assert [s["id"] for s in _read(str(tmp_path / "cap2" / "selected.jsonl"))] == ids
+    assert again["cap"]["strata"] == strata
+
+
+def _fake_eval(progress_by_iter):
+    def eval_fn(train_result, eval_dir, it):
+        folder = os.path.join(eval_dir, "traces", "craftax", "Craftax-Classic")
+        os.makedirs(folder)
+        eps = []
+        for k in range(2):
+            prog = progress_by_iter[it] + 0.01 * k
+            ep = {"env": "craftax", "task": "Craftax-Classic", "seed": 42 + k, "episode_idx": k, "num_steps": 4,
+                  "episode_return": prog, "progression": prog, "end_reason": "max_steps",
+                  "input_tokens": 1, "output_tokens": 1,
+                  "hygiene": {"ops": 2, "writes": 1, "redundant_writes": 0, "searches": 1, "empty_searches": 0,
+                              "invalid_actions": 0, "context_tokens_per_step": 10.0}}
+            json.dump(ep, open(os.path.join(folder, f"ep_{k}.json"), "w"))
+            open(os.path.join(folder, f"ep_{k}.jsonl"), "w").close()
+            eps.append(ep)
+        return summarize(eps)
+    return eval_fn
+
+
+def test_run_loop2_with_the_decider_changes_course_between_iterations(run_dir, tmp_path):
+    from automem_jax.loops.decider import Decider, Options
+    workdir = str(tmp_path / "work")
+    recipes = []
+
+    def train_fn(dataset_dir, out_dir, it, recipe=None):
+        recipes.append(recipe)
+        n = len(open(os.path.join(dataset_dir, "selected.jsonl")).readlines())
+        return {"checkpoint": out_dir, "first_loss": 2.0, "final_loss": 1.0, "steps": 3, "examples": n,
+                "recipe": recipe}
+
+    judge = StubJudge(_accept_all)
+    opts = Options(lora_rank=16, top_pct=100, min_examples=1, max_examples=4, lr_scales=(0.5, 1))
+    kw = dict(workdir=workdir, traces_dir=run_dir, judge=judge, train_fn=train_fn,
+              eval_fn=_fake_eval({0: 0.2, 1: 0.1, 2: 0.3}), iterations=2, min_examples=1, max_examples=4,
+              decider=Decider(opts, None))
+    rows = P.run_loop2(**kw)
+    r0, r1 = rows
+    assert r0["decision"]["by"] == "initial" and r1["decision"]["by"] == "fallback"
+    assert r1["decision"]["critic"] == "the critic is offline (heuristic)"
+    # the cap cut iteration 0's dataset, so the rule re-samples it and tries the next recipe
+    assert r1["decision"]["data"] == "regenerate" and r1["decision"]["sample_seed"] == 1
+    assert r1["decision"]["recipe"]["lr_scale"] == 0.5
+    assert recipes == [r0["decision"]["recipe"], r1["decision"]["recipe"]]
+    assert r0["dataset_dir"] != r1["dataset_dir"] and r0["n_accepted"] > r0["n_examples"] == 4
+    sel = [{s["id"] for s in _read(os.path.join(r["dataset_dir"], "selected.jsonl"))} for r in rows]
+    assert sel[0] != sel[1]
+    # the second dataset reused the first one's judge cache: every candidate was asked once
+    asked = sum(len(c) for c in judge.calls)
+    assert asked == r0["n_candidates"] - r0["counts"]["by_stage"].get("postprocess", {}).get("reject", 0)
+    assert json.load(open(os.path.join(workdir, "loop2", "1", "decision", "decision.json"))) == r1["decision"]
+    assert P.read_ledger(workdir) == rows
+
+    # iteration 2: progression fell in iteration 1 -> back to iteration 0's recipe, stricter judge
+    more = P.run_loop2(**{**kw, "iterations": 1, "start_iteration": 2})
+    d2 = more[0]["decision"]
+    assert d2["judge"] == "strict" and d2["recipe"] == r0["decision"]["recipe"] and "fell" in d2["rationale"]
+
+
+def test_run_loop2_asks_the_critic_once_per_iteration_and_resumes_its_choice(run_dir, tmp_path):
+    from automem_jax.loops.decider import Decider, Options
+    workdir = str(tmp_path / "work")
+    asked = []
+
+    def chat(messages):
+        asked.append(messages)
+        return json.dumps({"data": "reuse", "judge": "default", "top_pct": 100, "lr_scale": 2,
+                           "epochs_scale": 1, "lora_rank": 16, "rationale": "same data, faster learning"})
+
+    def train_fn(dataset_dir, out_dir, it, recipe=None):
+        if it == 1 and not os.path.exists(os.path.join(out_dir, "crashed")):
+            open(os.path.join(out_dir, "crashed"), "w").close()
+            raise RuntimeError("train crashed")
+        return {"checkpoint": out_dir, "first_loss": 2.0, "final_loss": 1.0, "steps": 3, "examples": 1}
+
+    kw = dict(workdir=workdir, traces_dir=run_dir, judge=StubJudge(_accept_all), train_fn=train_fn,
+              eval_fn=_fake_eval({0: 0.2, 1: 0.3}), iterations=2, min_examples=1,
+              decider=Decider(Options(lora_rank=16, lr_scales=(1, 2)), chat))
+    with pytest.raises(RuntimeError, match="train crashed"):
+        P.run_loop2(**kw)
+    rows = P.run_loop2(**kw)
+    assert len(asked) == 1  # the saved decision is reused on resume
+    d = rows[1]["decision"]
+    assert d["by"] == "critic" and d["data"] == "reuse" and d["recipe"]["lr_scale"] == 2
+    assert rows[1]["dataset_dir"] == rows[0]["dataset_dir"] and rows[1]["dataset_reused_from"] == 0

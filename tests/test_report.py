@@ -276,7 +276,7 @@ def test_teacher_demo_says_what_it_is(tmp_path):
     text = storage.read_text(report.build_report(root, plots=False))
 
     setup = text.split("## Run setup\n\n", 1)[1].split("\n## ", 1)[0]
-    assert setup.splitlines()[:13] == [
+    assert setup.splitlines()[:14] == [
         "- **model**: preset `tiny`, random init",
         "- **base policy**: `bootstrap/model`: the model above after the bootstrap fine-tune",
         "- **collect.policy (Loop-2 training traces)**: `teacher`: the scripted teacher "
@@ -288,13 +288,14 @@ def test_teacher_demo_says_what_it_is(tmp_path):
         "on 300 example(s)",
         "- **eval seeds**: 42-49",
         "- **final-eval seeds**: same as eval seeds",
+        "- **held-out seeds**: not recorded",
         "- **environment**: craftax",
         "- **max steps / episode**: 8",
         "- **dtype / param dtype**: float32 / float32",
         "- **mesh**: not recorded",
         "- **phases**: bootstrap,baseline,loop1,collect,loop2,final_eval,export,report",
     ]
-    assert setup.splitlines()[14] == ("⚠ This run is the scripted-teacher demonstration (`collect.policy=teacher`): "
+    assert setup.splitlines()[15] == ("⚠ This run is the scripted-teacher demonstration (`collect.policy=teacher`): "
                                       "read the note under the result before any redundant-write figure.")
 
     final = _final_section(text).splitlines()
@@ -437,3 +438,45 @@ def test_odd_config_values_do_not_break_the_report(tmp_path, monkeypatch):
     text = storage.read_text(report.build_report(root, plots=False))
     assert "_Run setup failed: ZeroDivisionError: division by zero._" in text
     assert "## Final system against the baseline" in text and "## Phases" in text
+
+
+def test_heldout_seeds_are_reported_beside_the_choosing_seeds(tmp_path):
+    root = str(tmp_path / "run")
+    _full_workdir(root)
+    cfg = json.loads(storage.read_text(storage.join(root, "config.json")))
+    cfg["eval"] = {"seeds": "42-45", "heldout_seeds": "52-55"}
+    cfg["final_eval"] = {"seeds": ""}
+    _write(root, "config.json", cfg)
+    _write(root, "phases/final_eval/result.json", {"iteration": 1, "chosen_on": "eval.seeds"})
+    _write(root, "eval/baseline_heldout/summary.json", _summary(11.0, 1.0, 0.40, 0.30, 1.5, 800, 0.05))
+    _write(root, "eval/final_heldout/summary.json", _summary(10.0, 1.5, 0.12, 0.20, 1.2, 600, 0.02))
+    ledger = [json.loads(x) for x in storage.read_text(storage.join(root, "ledger.jsonl")).splitlines()]
+    ledger[0]["decision"] = {"by": "initial", "data": "regenerate", "judge": "default", "top_pct": 100,
+                             "sample_seed": 0, "recipe": {"lr_scale": 1.0, "epochs_scale": 1.0, "lora_rank": 16}}
+    ledger[0]["n_accepted"] = 300
+    ledger[1]["decision"] = {"by": "fallback", "data": "reuse", "dataset_from": 0, "judge": "default",
+                             "top_pct": 100, "sample_seed": 0,
+                             "recipe": {"lr_scale": 0.5, "epochs_scale": 1.0, "lora_rank": 16},
+                             "rationale": "progression held or rose: try the next recipe",
+                             "invalid_reply": "not a JSON object"}
+    _write(root, "ledger.jsonl", ledger)
+    text = storage.read_text(report.build_report(root, plots=False))
+    assert "- **held-out seeds**: 52-55 (reported only: nothing is chosen on them)" in text
+    section = text[text.index("## Held-out seeds"):text.index("## Loop 1")]
+    assert "**Chosen on:** the eval seeds (42-45)" in section and "Loop-2 iteration 1" in section
+    assert "| eval | chose the system | 42-45 | 5 / 5 | 10.00 ± 2.00 | 22.50 ± 3.00 | +12.50 (+125%) |" in section
+    assert ("| held-out | held out: reported only | 52-55 | 5 / 5 | 11.00 ± 1.00 | 10.00 ± 1.50 | -1.00 (-9%) |"
+            in section)
+    assert "changed by -1.00 points (on the seeds that chose the system: +12.50)" in section
+    assert "did not carry over to the held-out seeds" in section
+    # Loop 2 shows each iteration's decision and why it was taken
+    assert "| 0 | 120 of 300 accepted |" in text
+    assert "fallback; reuse dataset 0; lr ×0.5, length ×1, rank 16" in text
+    assert "- iteration 1 (fallback): progression held or rose" in text and "unusable: not a JSON object" in text
+
+
+def test_heldout_section_without_heldout_seeds(tmp_path):
+    root = str(tmp_path / "run")
+    _full_workdir(root)
+    text = storage.read_text(report.build_report(root, plots=False))
+    assert "_No held-out seeds in this run (`eval.heldout_seeds` unset)" in text

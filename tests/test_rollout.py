@@ -88,8 +88,11 @@ def test_summary_mean_and_standard_error():
             "hygiene": HygieneCounter().as_dict()} for s, p in zip(range(4), [1.0, 0.0, 1.0, 1.0])]
     s = summarize(eps)
     t = s["environments"]["minihack"]["Corridor-R3"]
-    assert t["progression"] == 0.75 and abs(t["progression_se"] - 0.25) < 1e-12  # sd 0.5 / sqrt(4)
-    assert s["average_progress"] == 75.0
+    # Population sd (ddof=0) as upstream: sqrt(0.75 / 4) = sqrt(3) / 4, over sqrt(4).
+    assert t["progression"] == 0.75 and abs(t["progression_se"] - 3 ** 0.5 / 8) < 1e-12
+    assert s["average_progress"] == 75.0 and abs(s["standard_error"] - 100 * 3 ** 0.5 / 8) < 1e-9
+    one = summarize(eps[:1])
+    assert one["standard_error"] == 0.0 and one["environments"]["minihack"]["Corridor-R3"]["progression_se"] == 0.0
 
 
 def test_hygiene_counts_redundant_writes_and_empty_searches():
@@ -152,3 +155,69 @@ def test_gcs_trace_staging_is_removed(gcs_emulator):
     assert after == before
     assert storage.exists(storage.join(folder, "ep_0.jsonl")) and storage.exists(storage.join(folder, "ep_0.json"))
     assert not storage.exists(storage.join(folder, "ep_1.json"))
+
+
+class _FeedbackClient:
+    """PLAN of step 0 answers an invalid action, step 1 a valid one, step 2 no action at all (the
+    structure's fallback), later steps the valid one; LOG turns answer without ops. Keeps every
+    request's first message."""
+
+    def __init__(self, valid):
+        self.valid, self.plans, self.prompts = valid, 0, []
+
+    def generate(self, requests):
+        from automem_jax.agent.types import Completion
+        out = []
+        for r in requests:
+            self.prompts.append((r.phase, self.plans, r.messages[0]["content"]))
+            if r.phase == "log":
+                out.append(Completion("Nothing to record."))
+                continue
+            step, self.plans = self.plans, self.plans + 1
+            text = {0: "<|ACTION|>fly away<|END|>", 2: "I do not know."}.get(step, f"<|ACTION|>{self.valid}<|END|>")
+            out.append(Completion(text))
+        return out
+
+
+# env name, extra env keywords, a valid action, structure, fallback, whether the fallback is a valid action
+FEEDBACK_ENVS = {
+    "crafter": ("crafter", {}, "Do", "crafter", "noop", False),
+    "nethack": ("nethack", {"num_workers": 0}, "wait", "nethack", "search", True),
+}
+
+
+@pytest.mark.parametrize("which", sorted(FEEDBACK_ENVS))
+def test_feedback_on_invalid_action(tmp_path, which):
+    from automem_jax.envs.base import invalid_action_notice
+    from automem_jax.memory.structure import MemoryStructure
+    from automem_jax.rollout.runner import Runner
+
+    name, kw, valid, structure, fallback, fallback_valid = FEEDBACK_ENVS[which]
+    client = _FeedbackClient(valid)
+    runner = Runner(client, MemoryStructure.default(structure), str(tmp_path / "on"), name, num_envs=1,
+                    max_steps=4, progress=False, mode="tick",
+                    env_kwargs={**kw, "feedback_on_invalid_action": True})
+    summary = runner.run([42])
+    env, task = runner.env, runner.task
+    lines = [json.loads(ln) for ln in open(tmp_path / "on" / "traces" / env / task / "ep_0.jsonl")]
+    default = lines[0]["validated_action"]
+    assert default == {"crafter": "Noop", "nethack": "esc"}[which]
+    assert [ln["action_valid"] for ln in lines] == [False, True, fallback_valid, True]
+    assert lines[2]["raw_action"] == fallback and lines[2]["plan"]["fallback"]
+    notice = invalid_action_notice(default)
+    assert notice.startswith("NOTE: your previous output was not a valid action") and default in notice
+    # The observation after an invalid action opens with the notice; the others do not.
+    assert lines[1]["obs_long_term"].startswith(notice)
+    assert not lines[2]["obs_long_term"].startswith("NOTE:")
+    assert lines[3]["obs_long_term"].startswith(notice) == (not fallback_valid)
+    # It reaches both prompts of that step.
+    step1 = [p for phase, plans, p in client.prompts if plans == 1]
+    assert len(step1) == 2 and all(notice in p for p in step1)
+    # Summaries count the invalid steps (upstream's Crafter fallback among them).
+    t = summary["environments"][env][task]
+    assert t["invalid_action_rate"] == (1 if fallback_valid else 2) / 4
+    # Switched off (the Runner's own default), no notice.
+    Runner(_FeedbackClient(valid), MemoryStructure.default(structure), str(tmp_path / "off"), name, num_envs=1,
+           max_steps=2, progress=False, mode="tick", env_kwargs=kw).run([42])
+    off = [json.loads(ln) for ln in open(tmp_path / "off" / "traces" / env / task / "ep_0.jsonl")]
+    assert not off[0]["action_valid"] and not off[1]["obs_long_term"].startswith("NOTE:")

@@ -33,7 +33,7 @@ def test_defaults_are_valid_and_match_upstream_v0(env):
     blocks = [name for name, _ in s.context_blocks("plan")]
     assert blocks == (["unchanged_observation"] if env == "crafter"
                       else ["unchanged_observation", "map_analysis"])
-    assert s.fallback_action == ("Noop" if env == "crafter" else "search")
+    assert s.fallback_action == ("noop" if env == "crafter" else "search")  # upstream's (Crafter: invalid)
     if env == "crafter":
         assert all(f["content"] == "" for f in s.doc["files"]) and s.prompts["instruction"] is None
     else:
@@ -174,7 +174,7 @@ def test_load_ignores_comments_and_fills_defaults(tmp_path):
     assert s.fallback_action == "wait"
     assert s.doc["notes"] == "" and s.doc["parent"] is None and s.doc["pruning"] == []
     default = MemoryStructure.default("crafter")
-    s.doc["action"]["fallback"] = "Noop"
+    s.doc["action"]["fallback"] = "noop"
     s.doc["notes"] = default.doc["notes"]
     assert s == default
 

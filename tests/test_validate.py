@@ -27,6 +27,7 @@ BAD_INPUTS = [
     ("--config.env.structure=/nope.yaml", "config: env.structure '/nope.yaml': not found"),
     ("--config.model.checkpoint=gs://YOUR_BUCKET/models/m",
      "config: model.checkpoint 'gs://YOUR_BUCKET/models/m' is a placeholder"),
+    ("--config.eval.heldout_seeds=48-51", "config: eval.heldout_seeds '48-51' overlap eval.seeds at [48, 49]"),
 ]
 
 
@@ -108,3 +109,50 @@ def test_placeholder_critic_is_refused():
     c.model.checkpoint = ""
     with pytest.raises(app.UsageError, match="critic.base_url 'https://YOUR_CRITIC_ENDPOINT/v1' is a placeholder"):
         tpu_run.validate_config(c, c.phases.split(","))
+
+
+def test_heldout_seeds_and_loop2_choices_are_checked_before_anything_runs():
+    from absl import app
+
+    from launch import phases as ph
+    from launch import tpu_run
+
+    def bad(match, **sets):
+        c = importlib.import_module("configs.tiny").get_config()
+        for dotted, value in sets.items():
+            sec, key = dotted.split("__")
+            c[sec][key] = value
+        with pytest.raises(app.UsageError, match=match):
+            tpu_run.validate_config(c, c.phases.split(","))
+
+    c = importlib.import_module("configs.tiny").get_config()
+    first_collect = ph.collect_seeds(c.collect.episodes, c.collect.seed_base, ph.parse_seeds(c.eval.seeds))[0]
+    bad(rf"eval.heldout_seeds '50,{first_collect}' overlap collect seeds at \[{first_collect}\]",
+        eval__heldout_seeds=f"50,{first_collect}")
+    bad(r"eval.heldout_seeds '99-100' overlap bootstrap.seeds at \[100\]", eval__heldout_seeds="99-100")
+    bad(r"eval.heldout_seeds: seed list '5-x'", eval__heldout_seeds="5-x")
+    bad(r"loop2.max_examples 5 is below loop2.min_examples 20", loop2__max_examples=5)
+    bad(r"loop2.max_examples -1: expected an integer >= 0", loop2__max_examples=-1)
+    bad(r"env.text_style 'plain': expected one of balrog, exact", env__text_style="plain")
+    bad(r"env.extra_commands: unknown extra_commands \['fly'\]", env__extra_commands="travel,fly")
+    c = importlib.import_module("configs.tiny").get_config()
+    c.loop2.decider.lora_ranks = "8,32"
+    with pytest.raises(app.UsageError, match=r"loop2.decider.lora_ranks \[32\] exceed loop2.train.lora_rank 16"):
+        tpu_run.validate_config(c, c.phases.split(","))
+    c.loop2.decider.lora_ranks = "8"
+    c.loop2.decider.lr_scales = "0,1"
+    with pytest.raises(app.UsageError, match=r"loop2.decider: decider lr_scales must all be > 0"):
+        tpu_run.validate_config(c, c.phases.split(","))
+
+
+def test_paper_configs_hold_out_seeds_disjoint_from_eval_and_collect():
+    from launch import phases as ph
+    for name in ("crafter_qwen25_32b", "crafter_qwen25_7b", "crafter_qwen25_05b", "minihack_qwen25_32b",
+                 "nethack_qwen25_32b", "minihack_qwen25_7b", "nethack_qwen25_7b", "tiny"):
+        c = importlib.import_module(f"configs.{name}").get_config()
+        held = set(ph.parse_seeds(c.eval.heldout_seeds))
+        evals = ph.parse_seeds(c.eval.seeds)
+        assert held and not held & set(evals), name
+        assert not held & set(ph.collect_seeds(c.collect.episodes, c.collect.seed_base, evals)), name
+        assert name == "tiny" or not held & set(range(42, 52)), name  # disjoint from the 42-51 eval seeds too
+        assert c.loop2.decider.enabled and c.loop2.max_examples >= c.loop2.min_examples, name

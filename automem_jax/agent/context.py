@@ -315,7 +315,7 @@ _FLOOR = set(".#{_")
 _ITEMS = set("$)[!?/=\"(*%~")
 
 
-def _tile_kind(ch: str) -> str:
+def _tile_kind(ch: str, upstream: bool = False) -> str:
     if ch == ">":
         return "stairs_down"
     if ch == "<":
@@ -332,7 +332,7 @@ def _tile_kind(ch: str) -> str:
         return "floor"
     if ch in _ITEMS:
         return "item"
-    if ch.isalpha() or ch == "@":
+    if ch.isalpha() or (ch == "@" and not upstream):  # upstream: another '@' is an unknown tile
         return "monster"
     return "other"
 
@@ -369,10 +369,51 @@ def find_map(text: str) -> tuple[list[str], int, int] | None:
     return None
 
 
-@register("map_analysis", max_far_stairs=3)
-def map_analysis(h: EpisodeHistory, phase: str, max_far_stairs: int) -> str:
-    """What surrounds '@' on a NetHack/MiniHack map: passable, blocked, doors, monsters, stairs."""
-    found = find_map(h.current_text)
+def _letter_share(line: str) -> float:
+    return sum(1 for c in line if c.isalpha() and c != "@") / max(len(line), 1)
+
+
+def find_map_upstream(text: str) -> tuple[list[str], int, int] | None:
+    """Upstream's ``parse_nle_map`` reading, quirks kept: the player's row is the first line of the
+    whole text with an '@' that is at least 3 long and under half letters (not counting '@'); the
+    map is the lines within 15 above and 14 below it that are not blank and are under 55% letters
+    (the player's row always), right-stripped. Dropping blank and text rows shifts the rows above
+    and below, so a neighbour may be read from the wrong line."""
+    lines = text.split("\n")
+    pr = pc = None
+    for i, line in enumerate(lines):
+        c = line.find("@")
+        s = line.rstrip()
+        if c >= 0 and len(s) >= 3 and _letter_share(s) < 0.5:
+            pr, pc = i, c
+            break
+    if pr is None:
+        return None
+    rows, player_row = [], 0
+    for i in range(max(0, pr - 15), min(len(lines), pr + 15)):
+        s = lines[i].rstrip()
+        if s and (_letter_share(s) < 0.55 or i == pr):
+            if i == pr:
+                player_row = len(rows)
+            rows.append(s)
+    return rows, player_row, pc
+
+
+MAP_STYLES = ("upstream", "corrected")
+
+
+@register("map_analysis", max_far_stairs=3, style="upstream")
+def map_analysis(h: EpisodeHistory, phase: str, max_far_stairs: int, style: str) -> str:
+    """What surrounds '@' on a NetHack/MiniHack map: passable, blocked, doors, monsters, stairs.
+
+    style "upstream" reads the map as upstream's parse_nle_map (see find_map_upstream); "corrected"
+    reads the map: section with every row kept, treats the blank past a row's end as rock and
+    another '@' as a monster.
+    """
+    if style not in MAP_STYLES:
+        raise ValueError(f"map_analysis style must be one of {MAP_STYLES}, got {style!r}")
+    upstream = style == "upstream"
+    found = (find_map_upstream if upstream else find_map)(h.current_text)
     if found is None:
         return ""
     rows, pr, pc = found
@@ -380,7 +421,9 @@ def map_analysis(h: EpisodeHistory, phase: str, max_far_stairs: int) -> str:
     def at(r: int, c: int) -> str | None:
         if r < 0 or r >= len(rows) or c < 0:
             return None
-        return rows[r][c] if c < len(rows[r]) else " "
+        if c < len(rows[r]):
+            return rows[r][c]
+        return None if upstream else " "  # upstream: past the stripped row is the map's edge
 
     stairs, monsters, doors, danger, can, blocked = [], [], [], [], [], []
     for name, (dr, dc) in _DIRS.items():
@@ -388,7 +431,7 @@ def map_analysis(h: EpisodeHistory, phase: str, max_far_stairs: int) -> str:
         if ch is None:
             blocked.append(f"{name} (edge of map)")
             continue
-        kind = _tile_kind(ch)
+        kind = _tile_kind(ch, upstream)
         if kind == "stairs_down":
             stairs.append(f"{name} -> '>' STAIRS DOWN, go there")
             can.append(f"{name} (stairs down '>')")

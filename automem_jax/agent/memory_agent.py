@@ -131,10 +131,12 @@ def _obs_parts(obs) -> tuple[str, str]:
 
 
 def _as_completion(reply) -> Completion:
+    # Upstream's client strips each completion before the agent parses it or puts it in the chat.
     if isinstance(reply, Completion):
-        return reply
+        text = (reply.text or "").strip()
+        return reply if reply.text == text else dataclasses.replace(reply, text=text)
     if isinstance(reply, str):
-        return Completion(text=reply)
+        return Completion(text=reply.strip())
     return Completion(text="", error="no completion was sent to the agent")
 
 

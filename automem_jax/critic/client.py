@@ -25,9 +25,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from automem_jax.critic.heuristic import (PROPOSAL_FORMAT, HeuristicCritic, ProposalError, ProposalReply,
                                           parse_proposal)
-from automem_jax.critic.tools import TraceTools, clip
+from automem_jax.critic.tools import TraceTools
 from automem_jax.llm.client import check_kind_fields
 from automem_jax.llm.openai_http import EndpointError, OpenAIEndpoint, check_range, message_text
+from automem_jax.loops.judging import DEFAULT_TOKEN_BUDGET, render_batch
 from automem_jax.memory.structure import (BUDGET_DEFAULTS, LIMIT_DEFAULTS, PROMPT_PLACEHOLDERS, TOP_KEYS,
                                           MemoryStructure)
 
@@ -328,8 +329,10 @@ Schema:
 
 JUDGE_SYSTEM = """\
 You review the memory turns of an LLM agent playing a text game, to choose training examples that
-teach good memory management. Each candidate is one LOG or PLAN phase of one game step: the
-conversation, the memory ops the model wrote, and what they returned. Judge each one in context.
+teach good memory management. Each candidate is one LOG or PLAN phase of one game step: what the
+game showed at that step, the memory files as they were before it, the previous action, and the
+phase's turns (the memory ops the model wrote and what they returned; long parts may be clipped).
+Judge each one in context.
 
 Accept a candidate only when its memory ops are correct and worth imitating: LOG writes record
 new, accurate, short information tied to what actually happened (results of actions, discoveries,
@@ -347,10 +350,13 @@ class LLMCritic:
 
     def __init__(self, client: CriticClient, *, use_tools: bool = True, max_turns: int = 30,
                  max_tool_calls: int = 100, digest_tokens: int = 6000, judge_batch: int = 8,
-                 repair_rounds: int = 1):
+                 repair_rounds: int = 1, judge_token_budget: int = DEFAULT_TOKEN_BUDGET, judge_tokenizer=None):
         self.client = client
         self.use_tools, self.max_turns, self.max_tool_calls = bool(use_tools), int(max_turns), int(max_tool_calls)
         self.digest_tokens, self.judge_batch, self.repair_rounds = int(digest_tokens), int(judge_batch), int(repair_rounds)
+        # Loop 2: tokens per rendered candidate, counted with judge_tokenizer if set, else estimated.
+        self.judge_token_budget, self.judge_tokenizer = int(judge_token_budget), judge_tokenizer
+        self.render_log: list[dict] = []  # one report per judge request (loops.judging.render_batch)
         self._calls = 0
 
     def __repr__(self) -> str:
@@ -422,12 +428,15 @@ class LLMCritic:
         out: list[dict] = []
         for i in range(0, len(candidates), max(1, self.judge_batch)):
             batch = candidates[i:i + max(1, self.judge_batch)]
-            body = "\n\n".join(_render_candidate(c) for c in batch)
+            texts, report = render_batch(batch, self.judge_token_budget, self.judge_tokenizer)
+            body = "\n\n".join(texts)
             ask = ("Reply with a JSON array, one object per candidate in the order given: "
                    '{"id": <the candidate id>, "decision": "accept" or "reject", "reason": "<one specific '
                    'sentence naming the op and the evidence>"}. Nothing else.')
             reply = self.client.chat([{"role": "system", "content": JUDGE_SYSTEM},
                                       {"role": "user", "content": f"{body}\n\n{ask}"}])
+            # The endpoint's own count of the whole request, next to ours of the candidates.
+            self.render_log.append({**report, "prompt_tokens": reply.prompt_tokens})
             out += _decisions(batch, reply.content)
         return out
 
@@ -447,22 +456,6 @@ def _summary_line(tools: TraceTools) -> str:
                         f"rate {t.get('invalid_action_rate', 0):.3f}, redundant writes {h.get('redundant_writes')}, "
                         f"empty searches {h.get('empty_searches')}, ops/step {h.get('ops_per_step', 0):.2f}")
     return "\n".join(rows)
-
-
-def _render_candidate(c: dict, cap: int = 3000) -> str:
-    head = (f"### candidate id={json.dumps(c.get('id'))} episode={c.get('episode')} step={c.get('step')} "
-            f"phase={str(c.get('phase', '')).upper()} reward={c.get('reward')} "
-            f"progression_delta={c.get('progression_delta')} redundant_writes={c.get('redundant_writes')} "
-            f"empty_searches={c.get('empty_searches')}")
-    msgs = c.get("messages") or []
-    first_user = next((m.get("content", "") for m in msgs if m.get("role") == "user"), "")
-    lines = [head, "prompt (end): ..." + str(first_user)[-900:]]
-    for n, t in enumerate(c.get("turns") or [], 1):
-        lines.append(f"turn {n} model wrote: {clip(str(t.get('response', '')), 700)}")
-        for op in t.get("ops") or []:
-            lines.append(f"  {op.get('op')}{tuple(op.get('args') or [])} ok={op.get('ok', True)} -> "
-                         f"{clip(' '.join(str(op.get('text', '')).split()), 200)}")
-    return clip("\n".join(lines), cap)
 
 
 def _decisions(batch: list[dict], text: str) -> list[dict]:
@@ -494,7 +487,8 @@ def _decisions(batch: list[dict], text: str) -> list[dict]:
 
 _CLIENT_ARGS = ("base_url", "model", "api_key_env", "timeout_s", "max_retries", "max_tokens", "temperature",
                 "extra_body", "backoff", "backoff_max")
-_CRITIC_ARGS = ("use_tools", "max_turns", "max_tool_calls", "digest_tokens", "judge_batch", "repair_rounds")
+_CRITIC_ARGS = ("use_tools", "max_turns", "max_tool_calls", "digest_tokens", "judge_batch", "repair_rounds",
+                "judge_token_budget")
 _FIELDS = {"openai": {"kind", *_CLIENT_ARGS, *_CRITIC_ARGS}, "heuristic": {"kind", "seed"}}
 
 
@@ -503,7 +497,7 @@ def make_critic(spec: Mapping[str, Any], _where: str = "critic") -> Critic:
 
     ``{"kind": "openai", "base_url", "model", "api_key_env", "timeout_s", "max_retries", "max_tokens",
     "temperature", "extra_body", "use_tools", "max_turns", "max_tool_calls", "digest_tokens",
-    "judge_batch", "repair_rounds"}`` or ``{"kind": "heuristic", "seed"}``.
+    "judge_batch", "repair_rounds", "judge_token_budget"}`` or ``{"kind": "heuristic", "seed"}``.
     """
     spec, kind = check_kind_fields(spec, _where, _FIELDS)
     if kind == "heuristic":
@@ -514,7 +508,7 @@ def make_critic(spec: Mapping[str, Any], _where: str = "critic") -> Critic:
     for f in ("base_url", "model"):
         if spec.get(f) in (None, ""):
             raise ValueError(f"{_where}.{f} is required for kind 'openai'")
-    for f in ("max_turns", "digest_tokens", "judge_batch"):
+    for f in ("max_turns", "digest_tokens", "judge_batch", "judge_token_budget"):
         v = spec.get(f, 1)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{_where}.{f} must be an integer >= 1, got {v!r}")

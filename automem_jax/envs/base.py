@@ -65,6 +65,22 @@ def resolve_action(action: Any, valid: Mapping[str, Any] | set[str], default: st
     return default, {"action": default, "raw_action": action, "invalid_action": True}
 
 
+def invalid_action_notice(executed: str) -> str:
+    """The line put before the next observation after an invalid action (BALROG's
+    ``feedback_on_invalid_action``; our wording): says the output was not a valid action and
+    which action the game ran instead."""
+    return (f"NOTE: your previous output was not a valid action, so the game played the default "
+            f"action instead: {executed}\n\nCurrent observation:\n")
+
+
+def with_invalid_notice(obs: Obs, executed: str) -> Obs:
+    """``obs`` with the invalid-action notice put before its long-term block, as BALROG's evaluator
+    does, so the notice reaches every prompt that shows the observation and the comparison of
+    consecutive observations."""
+    return dataclasses.replace(obs, long_term=invalid_action_notice(executed) + obs.long_term,
+                               extras={**obs.extras, "invalid_action_notice": True})
+
+
 class TextEnv(abc.ABC):
     """One episode of a text game. See the module docstring."""
 

@@ -1,19 +1,20 @@
-"""A language observation for NetHack / MiniHack screens, in BALROG's "hybrid" layout.
+"""NetHack / MiniHack observations as text, in BALROG's "hybrid" layout with AutoMem's rewrite.
 
-BALROG renders NLE observations with the C++ ``nle_language_obsv`` wrapper (not part of PyPI nle
-1.3.0); this is our own NumPy/Python describer with the same structure::
+BALROG (``balrog/environments/nle/base.py``) renders an NLE observation with the C++
+``NLELanguageObsv`` of balrog-nle 0.9.0; AutoMem then rewrites distance and direction words. The
+default ``text_style="balrog"`` reproduces that text byte for byte::
 
-    message:\\n<message>\\n\\nlanguage observation:\\n<what is around>\\n\\ncursor:\\n<cursor>\\n(x=C, y=R)\\n\\n
-    map:\\n<tty rows 1-23: the 21 map rows and the two status lines>\\n\\n        (long-term context)
-    inventory:\\n<letter: item per line>\\n                                      (short-term context)
+    message:\n<text_message>\n\nlanguage observation:\n<text_glyphs>\n\ncursor:\n<text_cursor>\n
+    (x=C, y=R)\n\nmap:\n<tty rows 1-23, 80 columns each, one per line>\n\n      (long-term context)
+    inventory:\n<text_inventory>\n                                           (short-term context)
 
-"What is around" lists, one line each, ``<thing> <d> step(s) <direction>``: monsters, objects and
-notable dungeon features anywhere on the map (nearest few of each kind), and walls / unexplored dark
-area met along the 8 compass rays from the player (up to 9 steps, stopping at the first blocking one),
-as BALROG's wrapper does. ``d`` is the number of king moves (Chebyshev distance), where BALROG gives
-coarse words (adjacent / very near / near / far / very far) that AutoMem then rewrote into step ranges.
-Directions are the 16 compass points (``east-northeast``); lines run far to near, north clockwise;
-the same thing at the same distance in several directions shares a line.
+``text_message`` and ``text_inventory`` are ports of the C++ here; ``text_glyphs`` / ``text_cursor``
+come from ``nle_glyphs``. ``tests/test_nle_reference.py`` checks all of it against the compiled C++.
+
+``text_style="exact"`` keeps this project's older describer (exact step counts, hyphenated 16-point
+directions, objects listed anywhere capped per name, map rows without trailing blanks): "What is
+around" lists ``<thing> <d> step(s) <direction>``, nearest few of each kind plus walls met along the
+8 compass rays; far to near, north clockwise.
 """
 from __future__ import annotations
 
@@ -270,20 +271,150 @@ def inventory_lines(inv_strs: np.ndarray, inv_letters: np.ndarray) -> list[tuple
     return out
 
 
-def map_rows(tty_chars: np.ndarray) -> list[str]:
-    """tty rows 1-23 (the map and the two status lines), trailing blanks dropped."""
-    return [r.rstrip(" \x00") for r in screen_rows(tty_chars)[1:]]
+
+# -- BALROG's text (ports of balrog-nle 0.9.0's C++ and of BALROG's / AutoMem's Python) -----------
+
+# The C++ trim() builds its set from a C string literal that holds a NUL, so only its first two
+# characters count: space and \x1a.
+_TRIM = " \x1a"
 
 
-def hybrid_text(message: str, glyphs, blstats, tty_chars, tty_cursor, inv_strs, inv_letters):
-    """(long_term, short_term, parts) in BALROG's hybrid layout; ``parts`` holds the pieces."""
-    px, py = int(blstats[0]), int(blstats[1])
-    around = describe_surroundings(glyphs, px, py)
-    cur = cursor_text(glyphs, px, py, tty_cursor)
-    rows = map_rows(tty_chars)
-    inv = inventory_lines(inv_strs, inv_letters)
+def _cpp_trim(s: str) -> str:
+    start = next((i for i, ch in enumerate(s) if ch not in _TRIM), None)
+    if start is None or start == len(s) - 1:
+        return ""  # the C++ also returns "" when only the last character is not blank
+    return s[start:].rstrip(_TRIM)
+
+
+def _pager_mark(row: str) -> bool:
+    """Whether a trimmed row ends a window page: ``(n of m)`` with one-digit n and m, ``--More--``, ``(end)``."""
+    if "--More--" in row or "(end)" in row:
+        return True
+    k = row.find(" of ")  # only the first " of " is looked at
+    return k >= 2 and k + 5 < len(row) and row[k - 2] == "(" and row[k + 5] == ")"
+
+
+def text_message(tty_chars) -> str:
+    """balrog-nle's ``text_message``: the top line, or a menu / text window drawn over the map.
+
+    A window is read from the first row's indent down to the row holding its pager mark, blank
+    rows skipped and without the final newline. A death screen (``Points`` or ``list!`` on the
+    second row) ends after two blank rows. Without either, only the top line is the message.
+    """
+    rows = screen_rows(np.asarray(tty_chars, np.uint8))
+    first, second = _cpp_trim(rows[0]), _cpp_trim(rows[1])
+    if not first and not second:
+        return ""
+    death_screen = "Points" in second or "list!" in second
+    top = rows[0]
+    indent = len(top) - len(top.lstrip(" "))
+    out, blanks = [], 0
+    for r, row in enumerate(rows):
+        if indent < len(top):
+            line = row[indent:]
+        else:
+            # Blank top row: the C++ offset is npos, i.e. one byte before each row; the byte
+            # before the screen is outside the array, taken here as blank.
+            line = (rows[r - 1][-1] if r else " ") + row
+        line = _cpp_trim(line)
+        blanks = 0 if line else blanks + 1
+        if line:
+            out.append(line)
+        if _pager_mark(line):
+            return "\n".join(out)
+        if death_screen and blanks > 1:
+            return "".join(x + "\n" for x in out)
+    return first
+
+
+def text_inventory(inv_strs, inv_letters) -> str:
+    """balrog-nle's ``text_inventory``: ``<letter>: <item>`` lines up to the first empty slot."""
+    inv_strs = np.asarray(inv_strs, np.uint8)
+    flat = inv_strs.tobytes()
+    width = inv_strs.shape[1]
+    lines = []
+    for i, letter in enumerate(np.asarray(inv_letters).tolist()):
+        if letter == 0:
+            break
+        item = flat[i * width:].split(b"\x00", 1)[0]  # a C string: runs on to the first NUL
+        lines.append(f"{chr(letter)}: {item.decode('latin-1')}")
+    return "\n".join(lines)
+
+
+def map_rows(tty_chars, strip: bool = False) -> list[str]:
+    """tty rows 1-23 (the 21 map rows and the two status lines); BALROG keeps all 80 columns."""
+    rows = screen_rows(np.asarray(tty_chars, np.uint8))[1:]
+    return [r.rstrip(" \x00") for r in rows] if strip else rows
+
+
+# AutoMem's env_wrapper rewrites these words, in this order, in both contexts (whole words only).
+_AUTOMEM_WORDS = (
+    ("very far", "9+ steps away"), ("very near", "2 steps away"), ("far", "5-8 steps away"),
+    ("near", "3-4 steps away"), ("adjacent", "1 step away (directly reachable)"),
+    *((a + b + c, f"between {a} and {b}{c}") for a, b, c in (
+        ("north", "north", "east"), ("east", "north", "east"), ("east", "south", "east"),
+        ("south", "south", "east"), ("south", "south", "west"), ("west", "south", "west"),
+        ("west", "north", "west"), ("north", "north", "west"))),
+)
+_AUTOMEM_RES = tuple((re.compile(rf"\b{re.escape(w)}\b"), r) for w, r in _AUTOMEM_WORDS)
+
+
+def automem_rewrite(text: str) -> str:
+    """AutoMem's distance / direction rewrite (``_parse_nle_distances``), applied to a whole context."""
+    for pattern, replacement in _AUTOMEM_RES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def balrog_contexts(message: str, glyph_text: str, cursor_text_: str, tty_cursor, rows: list[str],
+                    inventory_text: str) -> tuple[str, str]:
+    """BALROG's ``render_hybrid``: each block is ``<name>:\n<text>\n``, blocks joined by a newline."""
+    cursor = f"{cursor_text_}\n(x={int(tty_cursor[1])}, y={int(tty_cursor[0])})"
     screen = "".join(r + "\n" for r in rows)
-    long_term = (f"message:\n{message}\n\nlanguage observation:\n{around}\n\ncursor:\n{cur}\n\n"
-                 f"map:\n{screen}\n")
-    short_term = "inventory:\n" + "\n".join(f"{k}: {v}" for k, v in inv) + "\n"
-    return long_term, short_term, {"around": around, "map": rows, "inventory": dict(inv)}
+    long_term = (f"message:\n{message}\n\nlanguage observation:\n{glyph_text}\n\n"
+                 f"cursor:\n{cursor}\n\nmap:\n{screen}\n")
+    return long_term, f"inventory:\n{inventory_text}\n"
+
+
+TEXT_STYLES = ("balrog", "exact")
+
+
+def read_message(tty_chars, text_style: str = "balrog") -> str:
+    """The message of one screen: balrog-nle's, or the older describer's with ``"exact"``."""
+    return screen_message(tty_chars) if text_style == "exact" else text_message(tty_chars)
+
+
+def hybrid_text(message: str, glyphs, blstats, tty_chars, tty_cursor, inv_strs, inv_letters, *,
+                text_style: str = "balrog", rewrite: bool = True):
+    """(long_term, short_term, parts) in BALROG's hybrid layout.
+
+    ``text_style="balrog"``: BALROG's text, then AutoMem's rewrite unless ``rewrite=False``.
+    ``text_style="exact"``: the older describer (exact distances, stripped map rows). ``parts``
+    holds "around" (the language observation as shown), "cursor", "map" (the tty rows before any
+    rewrite) and "inventory" (letter -> item).
+    """
+    if text_style not in TEXT_STYLES:
+        raise ValueError(f"text_style must be 'balrog' or 'exact', got {text_style!r}")
+    inv = dict(inventory_lines(inv_strs, inv_letters))
+    if text_style == "exact":
+        px, py = int(blstats[0]), int(blstats[1])
+        around = describe_surroundings(glyphs, px, py)
+        cur = cursor_text(glyphs, px, py, tty_cursor)
+        rows = map_rows(tty_chars, strip=True)
+        screen = "".join(r + "\n" for r in rows)
+        long_term = (f"message:\n{message}\n\nlanguage observation:\n{around}\n\ncursor:\n{cur}\n\n"
+                     f"map:\n{screen}\n")
+        short_term = "inventory:\n" + "\n".join(f"{k}: {v}" for k, v in inv.items()) + "\n"
+        return long_term, short_term, {"around": around, "cursor": cur, "map": rows, "inventory": inv}
+
+    from . import nle_glyphs
+
+    around = nle_glyphs.text_glyphs(glyphs, blstats)
+    cur = nle_glyphs.text_cursor(glyphs, blstats, tty_cursor)
+    rows = map_rows(tty_chars)
+    long_term, short_term = balrog_contexts(message, around, cur, tty_cursor, rows,
+                                            text_inventory(inv_strs, inv_letters))
+    if rewrite:
+        long_term, short_term = automem_rewrite(long_term), automem_rewrite(short_term)
+        around, cur = automem_rewrite(around), automem_rewrite(cur)
+    return long_term, short_term, {"around": around, "cursor": cur, "map": rows, "inventory": inv}

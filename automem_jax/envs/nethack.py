@@ -1,8 +1,9 @@
 """NetHack (``NetHackChallenge-v0``) and MiniHack tasks as text, one episode per ``NetHackTextEnv``.
 
-Actions are BALROG's strings. NetHack: every named NLE command BALROG offers, the letters a-z / A-Z
-(menu and item answers), digits 0-9 and 00-99 (counts; a two-digit string is two keystrokes);
-default ``esc``. MiniHack: the task's own actions among BALROG's 33 MiniHack names; default ``north``.
+Actions are BALROG's strings. NetHack: BALROG's 248 (its 86 named commands, the letters a-z / A-Z
+for menu and item answers, digits 0-9 and 00-99 for counts; a two-digit string is two keystrokes,
+where BALROG's step fails), plus any ``extra_commands`` asked for; default ``esc``. MiniHack: the
+task's own actions among BALROG's 33 MiniHack names; default ``north``.
 ``--More--`` is answered automatically (BALROG's ``skip_more``), the messages joined. Progression is
 BALROG's (see ``progression.py``). Defaults follow BALROG's and AutoMem's configs: NetHack runs up to
 100,000 steps and aborts after 150 steps without game time passing; MiniHack runs 100 steps with a
@@ -20,6 +21,7 @@ import random
 import secrets
 import warnings
 import zlib
+from collections.abc import Sequence
 
 from . import describe_nle as dn
 from .base import EpisodeOverError, Obs, TextEnv, resolve_action
@@ -65,7 +67,8 @@ ACTION_HELP = {
     "quiver": "choose what to fire", "read": "read a scroll or spellbook", "remove": "take off a ring or amulet",
     "ride": "ride a saddled creature", "rub": "rub a lamp or stone", "rush": "run in a direction",
     "rush2": "run in a direction (stops at more things)", "search": "search around you for hidden passages",
-    "seearmor": "show worn armor", "seerings": "show worn rings", "seetools": "show tools in use",
+    "seeamulet": "show the amulet you wear", "seearmor": "show worn armor", "seegold": "count your gold",
+    "seerings": "show worn rings", "seespells": "list the spells you know", "seetools": "show tools in use",
     "seetrap": "identify an adjacent trap", "seeweapon": "show wielded weapon", "shell": "(unused here)",
     "sit": "sit down", "swap": "swap primary and secondary weapon", "takeoff": "take off armor",
     "takeoffall": "take off all armor", "teleport": "teleport, if you can", "throw": "throw something",
@@ -84,9 +87,51 @@ MINIHACK_ACTION_NAMES = (
     "far southwest", "far northwest", "up", "down", "wait", "more", "apply", "close", "open", "eat",
     "force", "kick", "loot", "pickup", "pray", "puton", "quaff", "search", "zap",
 )
-# Named commands in BALROG's NetHack instruction that NLE 1.3.0's USEFUL_ACTIONS lacks (plus the
-# minus and apostrophe keys, also in BALROG's list).
-_BALROG_EXTRA = ("annotate", "overview", "teleport", "travel")
+# Opt-in additions to BALROG's NetHack actions (``extra_commands``): commands its instruction text
+# names but its action space lacks (NLE leaves them out of USEFUL_ACTIONS), and the raw minus,
+# apostrophe, plus, quote and dollar keys (the last three send the keys of seespells, seeamulet and
+# seegold under another name). Appended after BALROG's named commands, in the order given.
+EXTRA_COMMANDS = ("annotate", "overview", "teleport", "travel", "minus", "apos", "plus", "quote", "dollar")
+_EXTRA_KEYS = ("minus", "apos", "plus", "quote", "dollar")  # NLE TextCharacters; the rest are Commands
+
+
+def parse_extra_commands(extra: Sequence[str] | str | None) -> list[str]:
+    """A list of EXTRA_COMMANDS names from a sequence or a comma-separated string (a config value)."""
+    items = extra.split(",") if isinstance(extra, str) else list(extra or ())
+    names = [x.strip().lower() for x in items if x and x.strip()]
+    bad = [x for x in names if x not in EXTRA_COMMANDS]
+    if bad:
+        raise ValueError(f"unknown extra_commands {bad}; known: {', '.join(EXTRA_COMMANDS)}")
+    return list(dict.fromkeys(names))
+
+
+def _balrog_named_actions():
+    """BALROG's named NetHack actions, in its order.
+
+    BALROG walks NLE's language-wrapper action table (compass moves, far moves, up/down/wait, more,
+    the commands, then the text keys) and keeps the entries equal to one of USEFUL_ACTIONS. NLE
+    actions compare by key code, so the commands that share a key with a text key NLE keeps
+    (seespells '+', seeamulet '"', seegold '$') are in, under their command names. The table lists
+    the commands in NLE's enum order except that esc comes before engrave and fire before fight.
+    """
+    from nle.nethack import USEFUL_ACTIONS
+    from nle.nethack import actions as A
+
+    commands = list(A.Command)
+    for first, second in ((A.Command.ESC, A.Command.ENGRAVE), (A.Command.FIRE, A.Command.FIGHT)):
+        commands.remove(first)
+        commands.insert(commands.index(second), first)
+    text_keys = [A.TextCharacters.MINUS, A.TextCharacters.SPACE, A.TextCharacters.APOS]
+    text_keys += [A.TextCharacters[f"NUM_{d}"] for d in range(10)]
+    table = (list(A.CompassDirection) + list(A.CompassDirectionLonger) + list(A.MiscDirection)
+             + list(A.MiscAction) + commands + text_keys)
+    useful = {int(a) for a in USEFUL_ACTIONS}
+    names, seen = [], set()
+    for a in table:
+        if int(a) in useful and int(a) not in seen:
+            seen.add(int(a))
+            names.append((_action_name(a), a))
+    return names
 
 
 def _action_name(a) -> str:
@@ -168,12 +213,19 @@ class NetHackTextEnv(TextEnv):
     """One NetHack or MiniHack episode as text (runs in this process; ``workers.py`` runs many)."""
 
     def __init__(self, task: str = NETHACK_TASK, *, skip_more: bool = True,
-                 boxoban_levels: str | None = None, **env_kwargs):
+                 boxoban_levels: str | None = None, extra_commands: Sequence[str] | str = (),
+                 text_style: str = "balrog", **env_kwargs):
         import gymnasium as gym
         from gymnasium.envs.registration import load_env_creator
         from nle.nethack import actions as A
 
         self.family, self.task = resolve_task(task)
+        if text_style not in dn.TEXT_STYLES:
+            raise ValueError(f"text_style must be one of {dn.TEXT_STYLES}, got {text_style!r}")
+        self.text_style = text_style
+        extra = parse_extra_commands(extra_commands)
+        if extra and self.family != "nethack":
+            raise ValueError("extra_commands applies to NetHack only; MiniHack keeps its task's BALROG actions")
         kwargs = dict(NETHACK_DEFAULTS if self.family == "nethack" else MINIHACK_DEFAULTS)
         kwargs.update(env_kwargs)
         spec = gym.spec(self.task)
@@ -211,17 +263,14 @@ class NetHackTextEnv(TextEnv):
                 if n in MINIHACK_ACTION_NAMES and n not in names:
                     names.append(n)
             self.default_action = "north"
+            self._named = names
             keys = {n: (index_of[int(a)],) for a in env_actions if (n := _action_name(a)) in names}
         else:
-            from nle.nethack import USEFUL_ACTIONS
-
-            extra = [A.Command[x.upper()] for x in _BALROG_EXTRA] + [A.TextCharacters.MINUS,
-                                                                     A.TextCharacters.APOS]
-            keys = {}
-            for a in list(USEFUL_ACTIONS) + extra:
-                n = _action_name(a)
-                if n not in keys and int(a) in index_of:
-                    keys[n] = (index_of[int(a)],)
+            named = _balrog_named_actions()
+            for x in extra:
+                named.append((x, A.TextCharacters[x.upper()] if x in _EXTRA_KEYS else A.Command[x.upper()]))
+            keys = {n: (index_of[int(a)],) for n, a in named}
+            self._named = list(keys)  # what the instruction lists one by one
             chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + \
                     [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [str(d) for d in range(10)]
             two = [f"{d:02d}" for d in range(100)]
@@ -263,7 +312,8 @@ class NetHackTextEnv(TextEnv):
                 random.setstate(state)
         self._progress = NetHackProgress() if self.family == "nethack" else MiniHackProgress()
         self._done, self._steps = False, 0
-        self._message = dn.screen_message(self._raw["tty_chars"])
+        # BALROG's AutoMore reads the message of the reset screen without pressing MORE.
+        self._message = dn.read_message(self._raw["tty_chars"], self._text_style())
         self._end_status = 0
         return self.observe() if render else None
 
@@ -300,15 +350,19 @@ class NetHackTextEnv(TextEnv):
         for key in self._action_keys[executed]:
             raw, r, done, truncated, info = self._env.step(key)
             total += r
-            message = dn.screen_message(raw["tty_chars"])
+            message = dn.read_message(raw["tty_chars"], self._text_style())
             # --More-- pages are joined into one message, as BALROG's AutoMore does.
-            for _ in range(64):
-                if not (self.skip_more and self._more is not None and "--More--" in message) or done:
+            # No cap of our own beyond a guard: BALROG keeps pressing MORE (a counted command can
+            # take thousands of pages); the episode's step limit ends the loop.
+            for _ in range(1_000_000):
+                # BALROG's old-gym `done` also covered truncation.
+                if not (self.skip_more and self._more is not None and "--More--" in message) or done \
+                        or truncated:
                     break
                 message = message.replace("--More--", "\n")
                 raw, r, done, truncated, info = self._env.step(self._more)
                 total += r
-                message += dn.screen_message(raw["tty_chars"])
+                message += dn.read_message(raw["tty_chars"], self._text_style())
             if done:
                 break
         self._raw, self._message, self._steps = raw, message, self._steps + 1
@@ -339,12 +393,16 @@ class NetHackTextEnv(TextEnv):
     def done(self) -> bool:
         return self._done
 
+    def _text_style(self) -> str:
+        # "balrog": BALROG's text + AutoMem's rewrite (the paper's); "exact": our older describer.
+        return self.text_style
+
     def observe(self) -> Obs:
         raw = self._raw
         bl = raw["blstats"]
         long_term, short_term, parts = dn.hybrid_text(
             self._message, raw["glyphs"], bl, raw["tty_chars"], raw["tty_cursor"],
-            raw["inv_strs"], raw["inv_letters"])
+            raw["inv_strs"], raw["inv_letters"], text_style=self._text_style())
         stats = {"x": int(bl[0]), "y": int(bl[1]), "hp": int(bl[10]), "max_hp": int(bl[11]),
                  "depth": int(bl[BL_DEPTH]), "gold": int(bl[13]), "ac": int(bl[16]),
                  "xp_level": int(bl[BL_XP]), "time": int(bl[20]), "hunger": int(bl[21]),
@@ -363,8 +421,7 @@ class NetHackTextEnv(TextEnv):
                     f"answer with exactly one of these actions:\n\n{acts}\n\n"
                     "Repeating an action that changes nothing wastes a step.\n\n"
                     f"Goal: {minihack_goal(short)}")
-        named = [a for a in self.actions if len(a) > 2 or a == "up"]
-        acts = "\n".join(f"{a}: {ACTION_HELP[a]}" for a in named)
+        acts = "\n".join(f"{a}: {ACTION_HELP[a]}" for a in self._named)
         return (
             "You are playing NetHack, a dungeon-crawling game, seen as text (a message, what is around "
             "you, the screen map and your inventory). Each step, answer with exactly one action:\n\n"

@@ -22,13 +22,18 @@ import math
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from automem_jax import storage
 from automem_jax.agent.types import ROLE_GAMEPLAY
+# Upstream's fixed post-processing rules live in loops.postprocess; re-exported for this module's callers.
+from automem_jax.loops.postprocess import (ACTION_ONLY, ACTION_ONLY_CHARS, BAD_ROLES, FENCE_LEFT,  # noqa: F401
+                                           NO_MEMORY_OP, NO_OP_IN_LAST, OK, POST_CHECK, post_checks, postprocess,
+                                           postprocess_all, verify)
+from automem_jax.loops.judging import (DEFAULT_TOKEN_BUDGET, render_batch, render_candidate,  # noqa: F401
+                                       summarize_reports)
 from automem_jax.memory import ops as ops_mod
-from automem_jax.memory.ops import KeyedOp
 from automem_jax.parallel import hosts
 from automem_jax.rollout.traces import HygieneCounter, dumps, dumps_pretty
 
@@ -40,35 +45,12 @@ __all__ = [
     "build_iteration_dataset", "run_loop2", "read_ledger", "MEMORY_OPS", "DEFAULT_JUDGE_INSTRUCTIONS",
 ]
 
-# Memory ops that make a turn worth training on, per phase. PLAN is read-only: a write op there is
-# never executed, so it does not count as memory use. UPSERT_MAP is NetHack's keyed map update.
+# The phases a candidate can come from, with the ops that count as memory use in each (PLAN is
+# read-only there). Post-processing itself is phase-agnostic, as upstream's is (loops.postprocess).
 MEMORY_OPS: dict[str, tuple[str, ...]] = {
     "log": ops_mod.READ_OPS + ops_mod.WRITE_OPS + ("UPSERT_MAP",),
     "plan": ops_mod.READ_OPS,
 }
-DEFAULT_KEYED = {"UPSERT_MAP": KeyedOp("UPSERT_MAP", "dungeon_map.txt")}
-# Upstream: a PLAN reply with no memory op and less than this much text besides its action is
-# "action-only" and teaches nothing about memory.
-ACTION_ONLY_CHARS = 200
-
-# Post-process reason codes (also the reasons recorded in review_decisions.jsonl).
-OK = "ok"
-BAD_ROLES = "bad_alternation"
-BAD_PHASE = "unknown_phase"
-NO_OP_IN_LAST = "no_op_in_last_turn"
-ACTION_ONLY = "action_only"
-NO_MEMORY_OP = "no_memory_op_after_cut"
-ACTION_IN_LOG = "action_in_log_turn"
-FENCE_LEFT = "fence_remaining"
-
-# Lenient tag forms, the same ones the op parser accepts (see automem_jax.memory.ops).
-_DONE_RE = re.compile(r"<\|?DONE\|?>")
-_ACTION_TAG_RE = re.compile(r"<\|?ACTION\|?>", re.IGNORECASE)
-_ACTION_LINE_RE = re.compile(r"^[ \t]*ACTION:", re.IGNORECASE | re.MULTILINE)
-_FENCE_RE = re.compile(r"```[^\n`]*\n?(.*?)```", re.DOTALL)
-_ANY_TAG_RE = re.compile(
-    r"<\|?(?:" + "|".join(sorted({*ops_mod.BUILTIN_OPS, "UPSERT_MAP", "END"})) + r")\|?[>}]",
-    re.IGNORECASE)
 
 
 class NotEnoughExamples(RuntimeError):
@@ -140,13 +122,8 @@ def _phase_turns(phase_rec: dict, phase: str) -> list[dict]:
         if phase == "plan" and t.get("model_role") == ROLE_GAMEPLAY:
             break
         turns.append(t)
-    if phase == "plan":
-        # The consultation ends at the last turn with a memory op; a trailing action-only turn is
-        # gameplay, not memory skill (the issue's "memory-consultation part of PLAN").
-        with_ops = [i for i, t in enumerate(turns)
-                    if any(o.get("op") not in ("ACTION", "DONE") for o in t.get("ops") or [])]
-        if with_ops:
-            turns = turns[:with_ops[-1] + 1]
+    # A trailing action-only turn stays: upstream's examples end with the turn that commits the
+    # action, and post-processing drops a PLAN whose last turn is action-only.
     return turns
 
 
@@ -239,204 +216,7 @@ def filter_top_episodes(candidates: Sequence[dict], top_pct: float) -> tuple[lis
     return kept, dropped
 
 
-# =================================================================================== postprocess
-
-def _op_spans(text: str, phase: str, keyed: Mapping[str, KeyedOp]) -> list[tuple[int, int]]:
-    """(start, end) of every memory op the agent would actually run in ``text`` for ``phase``."""
-    names = MEMORY_OPS[phase]
-    parsed = ops_mod.parse(text, names, {k: v for k, v in keyed.items() if k in names})
-    starts = {c.start for c in parsed.calls}
-    spans = []
-    for name in sorted({c.op for c in parsed.calls}):
-        spans += [(s, e) for s, _, _, e in ops_mod.tag_spans(text, name) if s in starts]
-    return sorted(spans)
-
-
-def _action_pos(text: str) -> int | None:
-    """Where the first committed-action form (tag or 'ACTION:' line) starts, if any."""
-    found = [m.start() for m in (_ACTION_TAG_RE.search(text), _ACTION_LINE_RE.search(text)) if m]
-    return min(found) if found else None
-
-
-def _unwrap_fences(text: str) -> str:
-    # A fence whose body holds op tags was the model formatting its commands as code; the parser
-    # reads through it, but the target should not teach fences. Other fences are left alone.
-    def repl(m: re.Match) -> str:
-        body = m.group(1)
-        return body.strip("\n") if _ANY_TAG_RE.search(body) else m.group(0)
-    return _FENCE_RE.sub(repl, text)
-
-
-def _chat(ex: Mapping) -> Any:
-    """An example's messages: ``messages`` (candidates) or ``conversations`` (dataset rows)."""
-    return ex["messages"] if "messages" in ex else ex.get("conversations")
-
-
-def _phase_of(ex: Mapping) -> Any:
-    return ex.get("phase") or (ex.get("meta") or {}).get("phase")
-
-
-def _roles_problem(messages) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return "no messages"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            return f"message {i} is not a {{role, content}} object"
-        want = "user" if i % 2 == 0 else "assistant"
-        if m.get("role") != want:
-            return f"message {i} has role {m.get('role')!r}, expected {want!r} (user first, alternating)"
-    if messages[-1]["role"] != "assistant":
-        return "the last message is not the assistant's"
-    return None
-
-
-def _last_end(text: str, phase: str, keyed: Mapping[str, KeyedOp]) -> int | None:
-    """End of the last op terminator: an op's END tag, or (LOG) the DONE tag."""
-    ends = [e for _, e in _op_spans(text, phase, keyed)]
-    if phase == "log":
-        ends += [m.end() for m in _DONE_RE.finditer(text)]
-    return max(ends) if ends else None
-
-
-def postprocess(example: dict, *, keyed: Mapping[str, KeyedOp] | None = None) -> tuple[dict | None, str]:
-    """Upstream's deterministic target clean-up; returns (cleaned copy, "ok") or (None, reason).
-
-    ``example`` needs ``phase`` ("log" or "plan") and ``messages`` (or ``conversations``). Earlier
-    assistant turns are kept verbatim except for unwrapping code fences around op tags; the rules act on the
-    last assistant message: LOG is cut after <|DONE|>; PLAN is cut before its action and dropped
-    if it was action-only; then an example with no memory op left is dropped, anything after the
-    last op terminator is trimmed, and a leftover ``` fence drops the example. The copy gets an
-    ``edits`` list naming what changed.
-    """
-    keyed = DEFAULT_KEYED if keyed is None else keyed
-    phase = _phase_of(example)
-    if phase not in MEMORY_OPS:
-        return None, BAD_PHASE
-    messages = _chat(example)
-    if _roles_problem(messages) is not None:
-        return None, BAD_ROLES
-    edits = []
-    msgs = []
-    for m in messages:
-        content = m["content"]
-        if m["role"] == "assistant":
-            unwrapped = _unwrap_fences(content)
-            if unwrapped != content and "fence_unwrapped" not in edits:
-                edits.append("fence_unwrapped")
-            content = unwrapped
-        msgs.append({"role": m["role"], "content": content})
-    text = msgs[-1]["content"]
-
-    spans = _op_spans(text, phase, keyed)
-    if not spans and not _DONE_RE.search(text) and _action_pos(text) is None:
-        return None, NO_OP_IN_LAST
-    if phase == "log":
-        m = _DONE_RE.search(text)
-        if m and text[m.end():].strip():
-            text = text[:m.end()]
-            edits.append("done_cut")
-    else:
-        pos = _action_pos(text)
-        if pos is not None:
-            before = text[:pos]
-            if not _op_spans(before, phase, keyed) and len(before.strip()) < ACTION_ONLY_CHARS:
-                return None, ACTION_ONLY
-            text = before
-            edits.append("action_cut")
-    if not _op_spans(text, phase, keyed):
-        return None, NO_MEMORY_OP
-    end = _last_end(text, phase, keyed)
-    if text[end:].strip():
-        edits.append("tail_trimmed")
-    text = text[:end]
-    if _action_pos(text) is not None:
-        return None, ACTION_IN_LOG  # only LOG can get here: PLAN was cut at its first action
-    if "```" in text:
-        return None, FENCE_LEFT
-    msgs[-1]["content"] = text
-    key = "messages" if "messages" in example else "conversations"
-    out = {k: v for k, v in example.items() if k not in (key, "edits")}
-    out[key], out["edits"] = msgs, edits
-    return out, OK
-
-
-def postprocess_all(examples: Iterable[dict], **kw) -> tuple[list[dict], list[tuple[dict, str]]]:
-    """(kept, [(example, reason), ...] for the dropped ones)."""
-    kept, dropped = [], []
-    for ex in examples:
-        out, reason = postprocess(ex, **kw)
-        if out is None:
-            dropped.append((ex, reason))
-        else:
-            kept.append(out)
-    return kept, dropped
-
-
-def verify(examples: Iterable[dict], *, keyed: Mapping[str, KeyedOp] | None = None) -> list[str]:
-    """Violations of the post-process guarantees, one string each; [] for postprocess output."""
-    keyed = DEFAULT_KEYED if keyed is None else keyed
-    problems = []
-    for i, ex in enumerate(examples):
-        name = ex.get("id", f"#{i}")
-        phase = _phase_of(ex)
-        if phase not in MEMORY_OPS:
-            problems.append(f"{name}: unknown phase {phase!r}")
-            continue
-        why = _roles_problem(_chat(ex))
-        if why is not None:
-            problems.append(f"{name}: bad alternation: {why}")
-            continue
-        text = _chat(ex)[-1]["content"]
-        if not _op_spans(text, phase, keyed):
-            problems.append(f"{name}: last turn has no memory op")
-        if "```" in text:
-            problems.append(f"{name}: last turn has a ``` fence")
-        if _action_pos(text) is not None:
-            problems.append(f"{name}: last turn contains an ACTION")
-        end = _last_end(text, phase, keyed)
-        if end is not None and text[end:].strip():
-            problems.append(f"{name}: text after the last op terminator")
-    return problems
-
-
 # =================================================================================== judging
-
-def _clip(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    head = max(limit * 2 // 3, 0)
-    tail = max(limit - head, 0)
-    return f"{text[:head]}\n[... {len(text) - head - tail} characters omitted ...]\n{text[len(text) - tail:]}"
-
-
-def render_candidate(c: dict, max_chars: int = 6000) -> str:
-    """A bounded text view of one candidate for a critic: facts, observation, memory, then the chat."""
-    head = (f"### id: {c['id']}\nphase: {c['phase'].upper()}, step {c.get('step')}; "
-            f"reward {c.get('reward', 0):g}, progression change {c.get('progression_delta', 0):+.3f}; "
-            f"redundant writes {c.get('redundant_writes', 0)}, empty searches {c.get('empty_searches', 0)}")
-    if c["phase"] == "log" and c.get("prev_action"):
-        head += f"\nprevious action (its outcome is what LOG records): {c['prev_action']}"
-    budget = max(max_chars - len(head), 800)
-    parts = [head]
-    msgs = list(c.get("messages") or [])
-    if "observation" in c:
-        # The phase prompt is mostly fixed instructions; show its facts compactly instead.
-        files = c.get("memory_before") or {}
-        memory = "\n".join(f"== {name} ==\n{text}" for name, text in sorted(files.items())) or "(no files)"
-        parts.append(f"[observation]\n{_clip(c['observation'], budget // 5)}")
-        parts.append(f"[memory before this step]\n{_clip(memory, budget // 5)}")
-        if msgs:
-            msgs[0] = {"role": "user", "content": "(phase prompt: instructions, observation and file index)"}
-        budget -= 2 * (budget // 5)
-    n_asst = sum(m["role"] == "assistant" for m in msgs) or 1
-    n_user = max(len(msgs) - n_asst, 1)
-    # Replies are what is judged: they get 2/3 of what is left; prompts and tool results share the rest.
-    per_asst, per_user = 2 * budget // (3 * n_asst), budget // (3 * n_user)
-    for m in msgs:
-        limit = per_asst if m["role"] == "assistant" else per_user
-        parts.append(f"[{m['role']}]\n{_clip(m['content'], limit)}")
-    return "\n".join(parts)
-
 
 DEFAULT_JUDGE_INSTRUCTIONS = """\
 You review the memory decisions of an agent that plays a game. The agent keeps notes in a few text \
@@ -500,22 +280,26 @@ def parse_decisions(text: str) -> list[dict]:
 class LLMJudge:
     """Judges a batch of candidates with a critic chat model (anything with ``chat(messages)``).
 
+    Each candidate is rendered by ``loops.judging`` within ``token_budget`` tokens (counted with
+    ``tokenizer`` if given, else estimated); each batch's render report goes to ``render_log``.
     An unparseable reply is retried once with the parse error fed back; if the retry fails too,
     every item of the batch is rejected with the error as the reason (marked ``error``), so a bad
     critic reply never accepts anything and never stops the run.
     """
 
     def __init__(self, critic_client, instructions: str | None = None, *,
-                 max_chars_per_candidate: int = 6000, retries: int = 1):
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, tokenizer=None, retries: int = 1):
         self.client = critic_client
         self.instructions = instructions or DEFAULT_JUDGE_INSTRUCTIONS
-        self.max_chars = max_chars_per_candidate
+        self.token_budget, self.tokenizer = int(token_budget), tokenizer
         self.retries = retries
+        self.render_log: list[dict] = []  # one report per batch rendered (see judge_candidates)
 
     def prompt(self, batch: Sequence[dict]) -> str:
-        items = "\n\n".join(render_candidate(c, self.max_chars) for c in batch)
+        texts, report = render_batch(batch, self.token_budget, self.tokenizer)
+        self.render_log.append(report)
         ids = ", ".join(c["id"] for c in batch)
-        return f"{self.instructions}\n{len(batch)} items (ids: {ids}):\n\n{items}"
+        return f"{self.instructions}\n{len(batch)} items (ids: {ids}):\n\n" + "\n\n".join(texts)
 
     def judge(self, batch: Sequence[dict]) -> list[dict]:
         messages = [{"role": "user", "content": self.prompt(batch)}]
@@ -573,7 +357,9 @@ def judge_candidates(candidates: Sequence[dict], judge, batch_size: int = 20, *,
     ``judge`` is any object with ``judge(list[dict]) -> list[{id, decision, reason}]``. An id the
     reply leaves out is rejected with reason "no decision"; duplicates that disagree, unknown
     decision words and judge errors are rejections too. With ``cache_dir`` each finished batch is
-    saved there, and a re-run only asks about candidates without a saved decision.
+    saved there, and a re-run only asks about candidates without a saved decision. A judge that
+    keeps a ``render_log`` (the LLM judges) has each batch's render report logged and, with
+    ``cache_dir``, saved as ``render_<n>.json`` next to the batch (see ``judge_render_stats``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -594,7 +380,14 @@ def judge_candidates(candidates: Sequence[dict], judge, batch_size: int = 20, *,
         log.info("judge: %d decisions reused from %s, %d to ask", len(candidates) - len(todo), cache_dir, len(todo))
     for i in range(0, len(todo), batch_size):
         batch = todo[i:i + batch_size]
+        render_log = getattr(judge, "render_log", None)
+        seen = len(render_log) if isinstance(render_log, list) else 0
         decided = _normalise(batch, judge.judge([dict(c) for c in batch]))
+        reports = render_log[seen:] if isinstance(render_log, list) else []
+        for r in reports:
+            log.info("judge input: %d candidates, %d tokens (%s), %d clipped to %s tokens each, %d still over",
+                     r.get("candidates"), r.get("tokens"), r.get("counter"), r.get("clipped"),
+                     r.get("budget_tokens"), r.get("over_budget"))
         for d in decided:
             cached[d["id"]] = d
         if cache_dir is not None:
@@ -602,8 +395,21 @@ def judge_candidates(candidates: Sequence[dict], judge, batch_size: int = 20, *,
             keep = [d for d in decided if d["source"] == "judge"]
             storage.write_text(storage.join(cache_dir, f"batch_{n_files:06d}.jsonl"),
                                "".join(dumps(d) + "\n" for d in keep))
+            if reports:
+                storage.write_text(storage.join(cache_dir, f"render_{n_files:06d}.json"), dumps(list(reports)))
             n_files += 1
     return [cached[i] for i in ids]
+
+
+def judge_render_stats(cache_dir: str) -> dict | None:
+    """What the judge was shown for a dataset (every render saved in ``cache_dir``, re-runs
+    included): batches, candidates, tokens_rendered, clipped, over_budget, budget_tokens, counter
+    and per_batch; None when the judge reported nothing (a heuristic or stub judge)."""
+    reports = []
+    for name in sorted(storage.listdir(cache_dir)):
+        if name.startswith("render_") and name.endswith(".json"):
+            reports += json.loads(storage.read_text(storage.join(cache_dir, name)))
+    return summarize_reports(reports)
 
 
 # =================================================================================== dataset
@@ -641,17 +447,60 @@ def _selection_stats(rows: list[dict], selected: list[dict], **meta) -> dict:
     }
 
 
+def _allocate(sizes: Mapping[Any, int], k: int, rng: random.Random) -> dict:
+    """Largest-remainder split of ``k`` over strata proportional to their sizes; ties in the
+    remainders go in a seeded random order, so a new seed can move the odd item elsewhere."""
+    n = sum(sizes.values())
+    if k >= n:
+        return dict(sizes)
+    keys = sorted(sizes, key=str)
+    quota = {key: k * sizes[key] // n for key in keys}
+    tiebreak = {key: rng.random() for key in keys}
+    left = k - sum(quota.values())
+    for key in sorted(keys, key=lambda x: (-(k * sizes[x] % n), tiebreak[x]))[:left]:
+        quota[key] += 1
+    return quota
+
+
+def stratified_cap(selected: Sequence[dict], max_examples: int, seed: int) -> tuple[list[dict], dict]:
+    """(kept, strata counts): at most ``max_examples`` rows, split over phases in proportion, then
+    over episodes within each phase in proportion, drawn at random within an episode. Deterministic
+    for a seed; the kept rows stay in their original order."""
+    import random  # local: the module header is shared with other edits
+    rng = random.Random(seed)
+    groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for s in selected:
+        m = s["meta"]
+        groups[m["phase"]][f"{m['env']}/{m['task']}/ep{m['episode']}"].append(s)
+    per_phase = _allocate({p: sum(len(v) for v in eps.values()) for p, eps in groups.items()}, max_examples, rng)
+    keep: set[str] = set()
+    strata: dict[str, dict] = {}
+    for phase in sorted(groups):
+        eps = groups[phase]
+        quota = _allocate({e: len(v) for e, v in eps.items()}, per_phase[phase], rng)
+        for ep in sorted(eps):
+            ids = sorted(s["id"] for s in eps[ep])
+            keep.update(rng.sample(ids, quota[ep]))
+        strata[phase] = {"accepted": sum(len(v) for v in eps.values()), "kept": per_phase[phase],
+                         "episodes_accepted": len(eps), "episodes_kept": sum(1 for q in quota.values() if q),
+                         "by_episode": {ep: [len(eps[ep]), quota[ep]] for ep in sorted(eps)}}
+    return [s for s in selected if s["id"] in keep], strata
+
+
 def build_iteration_dataset(run_dir: str, out_dir: str, judge, *, min_examples: int, top_pct: float = 100,
                             version: Any = 0, batch_size: int = 20, allow_fewer: bool = False,
-                            phases: Sequence[str] = ("log", "plan")) -> dict:
+                            phases: Sequence[str] = ("log", "plan"), max_examples: int = 0,
+                            sample_seed: int = 0) -> dict:
     """Mine ``run_dir``'s traces into a dataset folder; returns its selection stats.
 
     Writes ``selected.jsonl`` (post-processed sharegpt rows ``{id, conversations, meta: {env, task,
     episode, step, phase, edits}}``, as training.data.build_dataset reads them),
     ``review_decisions.jsonl`` (one row per candidate: id, env, task, episode, step, phase,
-    decision, reason, stage — filter, postprocess or judge), ``selection_stats.json`` and ``DONE``.
-    If ``DONE`` exists the saved stats are returned at once. Fewer than ``min_examples`` selected
-    raises NotEnoughExamples (the decisions and stats are still written, DONE is not) unless
+    decision, reason, stage — filter, postprocess, judge or cap), ``selection_stats.json`` and ``DONE``.
+    With ``max_examples`` > 0 and more accepted, a stratified sample (``stratified_cap``, seeded by
+    ``sample_seed``) keeps that many; the others are rejected at stage "cap" and the stats record
+    accepted vs kept per phase and episode. If ``DONE`` exists the saved stats are returned at once.
+    Fewer than ``min_examples`` selected raises NotEnoughExamples (the decisions and stats are still written, DONE is not) unless
     ``allow_fewer``. Judge answers are cached under ``judge_cache/`` so a re-run does not re-ask.
     """
     stats_path = storage.join(out_dir, "selection_stats.json")
@@ -679,12 +528,24 @@ def build_iteration_dataset(run_dir: str, out_dir: str, judge, *, min_examples: 
             # The sharegpt row training.data.build_dataset reads: id, conversations, meta.
             selected.append({"id": c["id"], "conversations": c["messages"],
                              "meta": {k: c[k] for k in ("env", "task", "episode", "step", "phase", "edits")}})
+    accepted = len(selected)
+    cap: dict[str, Any] = {"max_examples": max_examples, "sample_seed": sample_seed, "accepted": accepted,
+                           "kept": accepted, "applied": False}
+    if max_examples and accepted > max_examples:
+        # Without a cap an accept-all judge on long episodes would hand training 10^5 examples.
+        selected, strata = stratified_cap(selected, max_examples, sample_seed)
+        kept_ids = {s["id"] for s in selected}
+        for r in rows.values():
+            if r["stage"] == "judge" and r["decision"] == "accept" and r["id"] not in kept_ids:
+                r.update(decision="reject", reason="over_max_examples", stage="cap", judge_decision="accept")
+        cap.update(kept=len(selected), applied=True, strata=strata)
     ordered = [rows[c["id"]] for c in candidates]
     problems = verify(selected)
     if problems:  # a bug in postprocess, not in the data: never train on it
         raise AssertionError("post-processed examples violate the target rules: " + "; ".join(problems[:5]))
     stats = _selection_stats(ordered, selected, version=version, run_dir=run_dir, top_pct=top_pct,
-                             min_examples=min_examples)
+                             min_examples=min_examples, accepted=accepted, cap=cap,
+                             judge_render=judge_render_stats(storage.join(out_dir, "judge_cache")))
     storage.write_text(storage.join(out_dir, "selected.jsonl"), "".join(dumps(s) + "\n" for s in selected))
     storage.write_text(storage.join(out_dir, "review_decisions.jsonl"), "".join(dumps(r) + "\n" for r in ordered))
     if len(selected) < min_examples and not allow_fewer:
@@ -772,70 +633,123 @@ def _eval_entry(summary: Mapping, run_dir: str) -> dict:
     }
 
 
-def run_loop2(*, workdir: str, traces_dir: str, judge, train_fn: Callable[[str, str, int], dict],
+def _copy_judge_cache(src_dir: str, dst_dir: str) -> int:
+    """Seed a new dataset's judge cache with an earlier one's verdicts (same judge level): a
+    re-sample or another episode filter re-asks nothing the judge already answered."""
+    src, dst = storage.join(src_dir, "judge_cache"), storage.join(dst_dir, "judge_cache")
+    names = [n for n in storage.listdir(src) if n.startswith("batch_") and n.endswith(".jsonl")]
+    if not names or storage.listdir(dst):
+        return 0
+    for n in names:
+        storage.write_text(storage.join(dst, n), storage.read_text(storage.join(src, n)))
+    return len(names)
+
+
+def run_loop2(*, workdir: str, traces_dir: str, judge, train_fn: Callable[..., dict],
               eval_fn: Callable[[dict, str, int], dict], iterations: int = 1, min_examples: int = 300,
               top_pct: float = 100, start_iteration: int = 0, reuse_dataset: bool = False,
-              allow_fewer: bool = False, batch_size: int = 20) -> list[dict]:
+              allow_fewer: bool = False, batch_size: int = 20, max_examples: int = 0, sample_seed: int = 0,
+              decider=None) -> list[dict]:
     """Run Loop-2 iterations ``start_iteration .. start_iteration + iterations - 1``; returns their ledger rows.
 
-    Each iteration: dataset ``workdir/datasets/<i>/`` from the traces in ``traces_dir`` (with
-    ``reuse_dataset`` every iteration after ``start_iteration`` trains on that iteration's dataset,
-    upstream's "reuse"), ``train_fn(dataset_dir, workdir/loop2/<i>/train, i)``,
+    Each iteration: dataset ``workdir/datasets/<i>/`` from the traces in ``traces_dir`` (at most
+    ``max_examples``, see build_iteration_dataset), ``train_fn(dataset_dir, workdir/loop2/<i>/train, i)``,
     ``eval_fn(train_result, workdir/loop2/<i>/eval, i)`` (a run summary as traces.summarize
-    writes it), then one row in ``workdir/ledger.jsonl``. Finished units are never redone: an
-    iteration with a ledger row is returned as recorded, and a dataset, training or evaluation
-    with its DONE marker is reloaded. A dataset below ``min_examples`` raises NotEnoughExamples
-    (unless ``allow_fewer``) before anything is trained.
+    writes it), then one row in ``workdir/ledger.jsonl``.
+
+    Without ``decider`` every iteration repeats the configuration (``reuse_dataset``: every
+    iteration after ``start_iteration`` trains on that iteration's dataset). With a
+    loops.decider.Decider, each iteration first gets a decision from the ledger so far (process 0
+    decides, the others receive it; saved in ``loop2/<i>/decision/``): which dataset (reuse one or
+    regenerate with another judge level / episode filter / sample seed) and which recipe, passed
+    as ``train_fn(..., recipe=...)``. The row records it under ``decision``.
+
+    Finished units are never redone: an iteration with a ledger row is returned as recorded, and a
+    decision, dataset, training or evaluation with its DONE marker is reloaded. A dataset below
+    ``min_examples`` raises NotEnoughExamples (unless ``allow_fewer``) before anything is trained.
     """
     if iterations < 0 or start_iteration < 0:
         raise ValueError(f"iterations and start_iteration must be >= 0, got {iterations}, {start_iteration}")
     rows = []
     for it in range(start_iteration, start_iteration + iterations):
-        recorded = [r for r in read_ledger(workdir) if r.get("iteration") == it]
+        ledger = read_ledger(workdir)
+        recorded = [r for r in ledger if r.get("iteration") == it]
         if recorded:
             log.info("loop2 iteration %d already in the ledger, skipped", it)
             rows.append(recorded[-1])
             continue
         t0 = time.perf_counter()
-        source = start_iteration if reuse_dataset else it
-        dataset_dir = storage.join(workdir, "datasets", str(source))
-        td = time.perf_counter()
-        # Process 0 alone judges and writes the dataset; the others get its stats (or its error).
-        resumed, stats = hosts.primary(lambda: (
-            storage.exists(storage.join(dataset_dir, "DONE")),
-            build_iteration_dataset(traces_dir, dataset_dir, judge, min_examples=min_examples, top_pct=top_pct,
-                                    version=source, batch_size=batch_size, allow_fewer=allow_fewer)),
-            f"loop2 dataset {dataset_dir}")
-        dataset_s = None if resumed else time.perf_counter() - td
         it_dir = storage.join(workdir, "loop2", str(it))
-        train, train_s = _unit(storage.join(it_dir, "train"), "train_result.json",
-                               lambda: train_fn(dataset_dir, storage.join(it_dir, "train"), it))
+        it_judge, it_top, it_seed, seed_cache_from = judge, top_pct, sample_seed, None
+        if decider is None:
+            source = start_iteration if reuse_dataset else it
+            dataset_dir = storage.join(workdir, "datasets", str(source))
+            decision = {"by": "config", "data": "reuse" if source != it else "regenerate", "dataset_from": source,
+                        "judge": "default", "top_pct": top_pct, "sample_seed": sample_seed, "recipe": None,
+                        "rationale": "no decider: every iteration repeats the configuration"}
+        else:
+            history = [r for r in ledger if isinstance(r.get("iteration"), int) and r["iteration"] < it]
+            # Saved before anything uses it: a resumed iteration keeps the choice its units were made with.
+            decision, _ = _unit(storage.join(it_dir, "decision"), "decision.json",
+                                lambda: hosts.primary(lambda: decider.decide(history, it), f"loop2 decision {it}"))
+            log.info("loop2 iteration %d decision (%s): data %s, judge %s, top %s%%, recipe %s: %s", it,
+                     decision["by"], decision["data"], decision["judge"], decision["top_pct"], decision["recipe"],
+                     decision.get("rationale", ""))
+            if decision["data"] == "reuse" and decision.get("dataset_dir"):
+                dataset_dir, source = decision["dataset_dir"], decision.get("dataset_from")
+            else:
+                source = it
+                dataset_dir = storage.join(workdir, "datasets", str(it))
+                same = [r for r in history if (r.get("decision") or {}).get("judge", "default") == decision["judge"]
+                        and r.get("dataset_dir")]
+                seed_cache_from = same[-1]["dataset_dir"] if same else None
+            it_judge = decider.judge(judge, decision["judge"])
+            it_top, it_seed = decision["top_pct"], decision["sample_seed"]
+        td = time.perf_counter()
+
+        def build():
+            done = storage.exists(storage.join(dataset_dir, "DONE"))
+            if not done and seed_cache_from and seed_cache_from != dataset_dir:
+                _copy_judge_cache(seed_cache_from, dataset_dir)
+            return done, build_iteration_dataset(
+                traces_dir, dataset_dir, it_judge, min_examples=min_examples, top_pct=it_top, version=source,
+                batch_size=batch_size, allow_fewer=allow_fewer, max_examples=max_examples, sample_seed=it_seed)
+
+        # Process 0 alone judges and writes the dataset; the others get its stats (or its error).
+        resumed, stats = hosts.primary(build, f"loop2 dataset {dataset_dir}")
+        dataset_s = None if resumed else time.perf_counter() - td
+        train_dir = storage.join(it_dir, "train")
+        recipe = {} if decider is None else {"recipe": decision["recipe"]}
+        train, train_s = _unit(train_dir, "train_result.json",
+                               lambda: train_fn(dataset_dir, train_dir, it, **recipe))
         eval_dir = storage.join(it_dir, "eval")
         summary, eval_s = _unit(eval_dir, "eval_summary.json", lambda: eval_fn(train, eval_dir, it))
         ev = _eval_entry(summary, eval_dir)
         row = {
             "iteration": it,
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "decision": decision,
             "dataset_dir": dataset_dir, "dataset_version": stats.get("version", source),
             "dataset_reused_from": source if source != it else None,
-            "n_examples": stats["selected"], "n_candidates": stats["candidates"],
+            "n_examples": stats["selected"], "n_accepted": stats.get("accepted", stats["selected"]),
+            "n_candidates": stats["candidates"],
             "counts": {"by_phase": stats["by_phase"], "by_decision": stats["by_decision"],
                        "by_stage": stats.get("by_stage", {})},
             "train": {**{k: train.get(k) for k in ("checkpoint", "peft", "first_loss", "final_loss", "steps",
-                                                   "examples", "resumed_from") if k in train},
-                      "dir": storage.join(it_dir, "train")},
+                                                   "examples", "resumed_from", "recipe") if k in train},
+                      "dir": train_dir},
             "eval": {k: ev[k] for k in ("run_dir", "average_progress", "standard_error", "episodes", "per_task")},
             "progression_mean": ev["average_progress"], "progression_se": ev["standard_error"],
             "per_episode": ev["per_episode"],
             "hygiene": ev["hygiene"],
             "config": {"min_examples": min_examples, "top_pct": top_pct, "reuse_dataset": reuse_dataset,
-                       "batch_size": batch_size},
+                       "batch_size": batch_size, "max_examples": max_examples},
             # Seconds spent in this invocation; None for a unit that was already finished.
             "seconds": {"dataset": dataset_s, "train": train_s, "eval": eval_s,
                         "total": time.perf_counter() - t0},
         }
         _append_ledger(workdir, row)
-        log.info("loop2 iteration %d: %d examples, progression %.2f ± %.2f", it, row["n_examples"],
-                 row["progression_mean"] or 0.0, row["progression_se"] or 0.0)
+        log.info("loop2 iteration %d: %d examples (%d accepted), progression %.2f ± %.2f", it, row["n_examples"],
+                 row["n_accepted"], row["progression_mean"] or 0.0, row["progression_se"] or 0.0)
         rows.append(row)
     return rows

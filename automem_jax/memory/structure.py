@@ -8,6 +8,9 @@ nothing in it is ever executed as code.
     python -m automem_jax.memory.structure show crafter
     python -m automem_jax.memory.structure diff A.yaml B.yaml
     python -m automem_jax.memory.structure validate A.yaml
+    python -m automem_jax.memory.structure import-upstream ~/AutoMem --scaffold crafter_v5 \
+        --out ~/crafter_v5.json      # text read from your own upstream checkout (upstream.py)
+    python -m automem_jax.memory.structure check-upstream ~/crafter_v5.json
 """
 from __future__ import annotations
 
@@ -778,7 +781,7 @@ def _resolve(arg: str) -> MemoryStructure:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m automem_jax.memory.structure",
-                                 description="Show, diff and validate memory structures.")
+                                 description="Show, diff, validate and import memory structures.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     show = sub.add_parser("show", help="print a structure (a default name or a file)")
     show.add_argument("structure")
@@ -788,7 +791,25 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("b")
     v = sub.add_parser("validate", help="check structures; exit status 1 if any is invalid")
     v.add_argument("structures", nargs="+")
+    u = sub.add_parser("import-upstream",
+                       help="build a structure from your own checkout of upstream AutoMem")
+    u.add_argument("checkout", help="path to a local AutoMem checkout (holds scaffolds/)")
+    u.add_argument("--scaffold", required=True, help="e.g. crafter_v5, minihack_v4, nethack_v2")
+    u.add_argument("--env", choices=("crafter", "minihack", "nle", "nethack"), default=None,
+                   help="which env's files and guidance to take (default: from the name)")
+    u.add_argument("--out", required=True, help="structure file to write (.json or .yaml), "
+                                                "outside this repository")
+    c = sub.add_parser("check-upstream",
+                       help="check that an imported structure's upstream files are unchanged")
+    c.add_argument("structure")
+    c.add_argument("--checkout", default=None, help="look here instead of the recorded path")
     args = ap.parse_args(argv)
+
+    if args.cmd in ("import-upstream", "check-upstream"):
+        from automem_jax.memory import upstream
+        if args.cmd == "import-upstream":
+            return upstream.cli_import(args.checkout, args.scaffold, args.env, args.out)
+        return upstream.cli_check(args.structure, args.checkout)
 
     if args.cmd == "show":
         s = _resolve(args.structure)

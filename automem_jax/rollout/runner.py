@@ -34,6 +34,7 @@ from typing import Any
 from automem_jax import storage
 from automem_jax.agent.memory_agent import MemoryAgent
 from automem_jax.agent.types import Completion
+from automem_jax.envs.base import with_invalid_notice
 from automem_jax.llm.client import completion_of, safe_submit, submit_via_generate
 from automem_jax.memory.structure import MemoryStructure
 from automem_jax.rollout.traces import EpisodeTrace, dumps_pretty, env_task, load_finished, summarize
@@ -85,12 +86,17 @@ class Runner:
     `max_requests_per_call` is given). Async with a client that only has `generate` sends each
     request alone, answered at once.
     max_requests_per_call: tick mode only, a cap on one `generate` call (1 = unbatched baseline).
+    feedback_on_invalid_action: after a step whose action was invalid, put a notice naming the
+    action the env ran before the next observation's long-term block (BALROG's evaluator switch of
+    that name). None: take it from env_kwargs["feedback_on_invalid_action"] (the env config's key),
+    else off.
     """
 
     def __init__(self, client, structure: MemoryStructure, run_dir: str, env_name: str, *, num_envs: int = 8,
                  max_steps: int = 1000, two_model: bool = False, env_kwargs: dict | None = None,
                  progress: bool = True, max_requests_per_call: int | None = None,
-                 writer: bool | None = None, mode: str | None = None):
+                 writer: bool | None = None, mode: str | None = None,
+                 feedback_on_invalid_action: bool | None = None):
         structure.validate()
         if num_envs < 1 or max_steps < 1:
             raise ValueError(f"num_envs and max_steps must be >= 1, got {num_envs}, {max_steps}")
@@ -113,6 +119,10 @@ class Runner:
         self.max_steps = max_steps
         self.two_model = two_model
         self.env_kwargs = dict(env_kwargs or {})
+        # A harness switch, not an env keyword: taken out before the env is built.
+        from_env = bool(self.env_kwargs.pop("feedback_on_invalid_action", False))
+        self.feedback_on_invalid_action = (from_env if feedback_on_invalid_action is None
+                                           else bool(feedback_on_invalid_action))
         self.progress = progress
         # 1 = one request at a time (the unbatched baseline of bench/generate.py).
         self.max_requests_per_call = max_requests_per_call
@@ -279,7 +289,10 @@ class Runner:
             line.update(episode=lv.episode, seed=lv.seed, reward=float(res.reward), done=bool(res.done),
                         progression=progression, info=_jsonable(res.info))
             lv.trace.write_step(line)
-            lv.obs, lv.action, lv.record = res.obs, None, None
+            obs = res.obs
+            if self.feedback_on_invalid_action and not lv.record.action_valid:
+                obs = with_invalid_notice(obs, lv.record.validated_action)
+            lv.obs, lv.action, lv.record = obs, None, None
             end = None
             if res.info.get("crashed"):
                 end = "crashed"

@@ -353,7 +353,8 @@ def _mean_se(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / n
     if n == 1:
         return m, 0.0
-    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    # Population variance (divide by n), as upstream's summary: se = std(ddof=0) / sqrt(n).
+    var = sum((x - m) ** 2 for x in xs) / n
     return m, math.sqrt(var / n)
 
 
