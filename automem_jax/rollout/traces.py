@@ -4,6 +4,7 @@ Layout under a run folder (local or gs://):
 
     traces/<env>/<task>/ep_<k>.jsonl   one line per env step, flushed as written
     traces/<env>/<task>/ep_<k>.json    the finished episode (its presence marks the episode done)
+    (readers walk this with ``iter_episodes``; nothing else lists the folders)
     summary.json                       progression mean ± standard error per env/task, tokens, hygiene,
                                        run health
 
@@ -25,7 +26,8 @@ import re
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 from automem_jax import storage
 
@@ -344,6 +346,80 @@ def load_finished(folder: str, index: int) -> dict | None:
         return None
     except json.JSONDecodeError:
         return None  # a torn write: the episode is run again
+
+
+_EP_FILE = re.compile(r"^ep_(\d+)\.(jsonl|json)$")
+
+
+@dataclass(frozen=True)
+class EpisodeFiles:
+    """One episode's files under ``traces/<env>/<task>/``: ``ep_<index>.jsonl`` (its steps, written
+    as played) and ``ep_<index>.json`` (its result; present once the episode finished)."""
+    env: str
+    task: str
+    index: int
+    folder: str
+    finished: bool
+    has_steps: bool
+
+    @property
+    def steps_path(self) -> str:
+        return storage.join(self.folder, f"ep_{self.index}.jsonl")
+
+    @property
+    def result_path(self) -> str:
+        return episode_json_path(self.folder, self.index)
+
+    def result(self) -> dict | None:
+        """The finished episode's result, or None (unfinished, or a torn write)."""
+        return load_finished(self.folder, self.index) if self.finished else None
+
+    def steps(self) -> Iterator[dict]:
+        """The trace lines, streamed. Reading stops at the first line that is not JSON: only a
+        killed writer's last line can be torn."""
+        try:
+            with storage.local_file(self.steps_path) as path, \
+                    open(path, encoding="utf-8", errors="replace") as f:
+                for raw in f:
+                    if raw.strip():
+                        try:
+                            yield json.loads(raw)
+                        except json.JSONDecodeError:
+                            return
+        except FileNotFoundError:
+            return
+
+
+def traces_root(run_dir: str) -> str:
+    """``run_dir/traces``; or ``run_dir`` itself when it is a traces folder (has no traces/)."""
+    root = storage.join(run_dir, "traces")
+    return root if storage.listdir(root) else run_dir
+
+
+def iter_episodes(run_dir: str, *, finished: bool = True) -> list[EpisodeFiles]:
+    """Every episode under a run folder (or its traces folder), ordered by env, task and index.
+    ``finished=True`` keeps the episodes whose result is written; False also lists running or cut
+    episodes (those with steps only)."""
+    root = traces_root(run_dir)
+    out = []
+    for env in storage.listdir(root):
+        for task in storage.listdir(storage.join(root, env)):
+            folder = storage.join(root, env, task)
+            kinds: dict[int, set] = defaultdict(set)
+            for name in storage.listdir(folder):
+                m = _EP_FILE.match(name)
+                if m:
+                    kinds[int(m.group(1))].add(m.group(2))
+            for k in sorted(kinds):
+                done = "json" in kinds[k]
+                if done or not finished:
+                    out.append(EpisodeFiles(env, task, k, folder, done, "jsonl" in kinds[k]))
+    return out
+
+
+def finished_results(run_dir: str) -> list[dict]:
+    """The results of every finished episode under a run folder, in ``iter_episodes`` order."""
+    return [r for r in (ep.result() for ep in iter_episodes(run_dir)) if r is not None]
 
 
 def _mean_se(xs: list[float]) -> tuple[float, float]:
