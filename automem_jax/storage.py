@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import posixpath
 import shutil
@@ -70,6 +71,24 @@ def read_bytes(path: str) -> bytes:
 
 def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
+
+
+_NO_DEFAULT = object()
+
+
+def read_json(path: str, *, missing: str = "", error: type[Exception] = ValueError, default=_NO_DEFAULT):
+    """The parsed JSON file. Missing: ``default`` when given, else FileNotFoundError naming the path
+    (and ``missing``, what the caller expected there). Not JSON: ``error`` naming the path."""
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        if default is not _NO_DEFAULT:
+            return default
+        raise FileNotFoundError(f"{path}: {missing}" if missing else path) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
 
 
 _SHARED: list[str] = []  # folders only the primary host writes (the run's workdir)
