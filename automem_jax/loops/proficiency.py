@@ -34,6 +34,7 @@ from automem_jax.loops.postprocess import (ACTION_ONLY, ACTION_ONLY_CHARS, BAD_R
 from automem_jax.loops.judging import (DEFAULT_TOKEN_BUDGET, render_batch, render_candidate,  # noqa: F401
                                        summarize_reports)
 from automem_jax.memory import ops as ops_mod
+from automem_jax.critic.protocol import JudgeError, parse_decisions  # noqa: F401  (JudgeError: part of this API)
 from automem_jax.parallel import hosts
 from automem_jax.rollout.traces import HygieneCounter, dumps, dumps_pretty
 
@@ -65,10 +66,6 @@ class NotEnoughExamples(RuntimeError):
 
     def __reduce__(self):  # rebuilt on the other hosts when process 0 raises it (parallel.hosts)
         return type(self), (self.selected, self.min_examples, self.stats)
-
-
-class JudgeError(ValueError):
-    """A judge reply that cannot be used at all (not a list of decisions)."""
 
 
 # =================================================================================== candidates
@@ -249,32 +246,6 @@ def _reply_text(reply) -> str:
     if content is None and isinstance(reply, Mapping):
         content = reply.get("content")
     return content if isinstance(content, str) else ""
-
-
-def parse_decisions(text: str) -> list[dict]:
-    """A judge's JSON list of {id, decision, reason}; tolerates a ```json fence and prose around it."""
-    body = text.strip()
-    m = re.search(r"```(?:json)?\s*\n?(.*?)```", body, re.DOTALL | re.IGNORECASE)
-    if m:
-        body = m.group(1).strip()
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError:
-        lo, hi = body.find("["), body.rfind("]")
-        if lo < 0 or hi <= lo:
-            raise JudgeError("the reply holds no JSON list") from None
-        try:
-            data = json.loads(body[lo:hi + 1])
-        except json.JSONDecodeError as e:
-            raise JudgeError(f"the JSON list does not parse: {e}") from None
-    if isinstance(data, dict) and isinstance(data.get("decisions"), list):
-        data = data["decisions"]
-    if not isinstance(data, list):
-        raise JudgeError(f"expected a JSON list of decisions, got {type(data).__name__}")
-    for i, d in enumerate(data):
-        if not isinstance(d, dict) or "id" not in d or "decision" not in d:
-            raise JudgeError(f"item {i} is not an object with 'id' and 'decision': {str(d)[:120]}")
-    return data
 
 
 class LLMJudge:
