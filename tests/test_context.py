@@ -3,6 +3,7 @@ import pytest
 
 from automem_jax.agent import context
 from automem_jax.agent.context import BLOCKS, EpisodeHistory, render_block
+from automem_jax.memory.schema import CONTEXT_BLOCKS
 
 NLE_MAP = "\n".join([
     "message:",
@@ -31,6 +32,19 @@ def test_registry_has_the_issue_blocks():
             "recent_actions", "map_analysis", "stuck_counter"} <= set(BLOCKS)
     for b in BLOCKS.values():
         assert b.doc and set(b.phases) <= {"log", "plan"}
+
+
+def test_every_declared_block_is_implemented_as_declared():
+    assert list(BLOCKS) == list(CONTEXT_BLOCKS)
+    for name, spec in CONTEXT_BLOCKS.items():
+        b = BLOCKS[name]
+        assert (b.params, b.phases, b.doc) == (dict(spec.params), spec.phases, spec.doc)
+
+
+def test_an_undeclared_block_is_refused():
+    with pytest.raises(ImportError, match="not declared"):
+        context.register("not_in_the_schema")(lambda h, phase: "")
+    assert "not_in_the_schema" not in BLOCKS
 
 
 def test_unchanged_observation_warns_then_escalates():

@@ -17,7 +17,10 @@ import pytest
 
 from automem_jax.agent.memory_agent import MemoryAgent, drive
 from automem_jax.agent.context import BLOCKS
-from automem_jax.memory.structure import PROMPT_PLACEHOLDERS, MemoryStructure, main, render
+from automem_jax.memory.cli import main
+from automem_jax.memory.schema import PROMPT_PLACEHOLDERS
+from automem_jax.memory.structure import MemoryStructure
+from automem_jax.memory.template import render
 from automem_jax.memory.upstream import (_ENTRY_RE, PLACEHOLDER_MAP, Scaffold, UpstreamError,
                                          check_sources, import_scaffold)
 

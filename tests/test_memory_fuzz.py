@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from automem_jax.memory import ops
 from automem_jax.memory.ops import KeyedOp
-from automem_jax.memory.store import Limits, MemoryStore, OpResult, name_problem
+from automem_jax.memory.schema import Limits, name_problem
+from automem_jax.memory.store import MemoryStore, OpResult
 
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

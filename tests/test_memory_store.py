@@ -5,7 +5,8 @@ import pytest
 
 from automem_jax.memory import ops
 from automem_jax.memory.ops import KeyedOp
-from automem_jax.memory.store import Limits, MemoryStore, PruneRule, format_results
+from automem_jax.memory.schema import Limits, PruneRule
+from automem_jax.memory.store import MemoryStore, format_results
 from automem_jax.memory.structure import MemoryStructure
 
 UPSERT = KeyedOp("UPSERT_MAP", "dungeon_map.txt", "coord", result="[Updated map entry for {key}]")

@@ -6,7 +6,10 @@ import sys
 import pytest
 import yaml
 
-from automem_jax.memory.structure import (MemoryStructure, StructureError, diff, main, render)
+from automem_jax.memory.cli import main
+from automem_jax.memory.diff import diff
+from automem_jax.memory.structure import MemoryStructure, StructureError
+from automem_jax.memory.template import render
 
 ENVS = ["crafter", "minihack", "nethack"]
 # Upstream v0 initial files per env (reference §1.4).
@@ -244,3 +247,13 @@ def test_cli_show_diff_validate(tmp_path, capsys):
     assert "A.yaml: ok" in out and "budgets.plan_turns" in out
     with pytest.raises(SystemExit, match="neither a structure file nor a default"):
         main(["show", "no_such_thing"])
+
+
+def test_memory_imports_nothing_above_it():
+    # memory/ is the bottom layer: loading it must not pull in the agent (or anything higher).
+    code = ("import sys, automem_jax.memory.structure, automem_jax.memory.store, "
+            "automem_jax.memory.upstream, automem_jax.memory.cli, automem_jax.memory.diff; "
+            "print(sorted(m for m in sys.modules if m.startswith('automem_jax.') "
+            "and not m.startswith('automem_jax.memory')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"

@@ -6,13 +6,18 @@ them by editing that document, never by writing code. Upstream v0 has the unchan
 warning and the NetHack/MiniHack map analysis; the others are the deterministic trackers that
 AutoMem's Loop 1 grew into the final scaffolds (inventory diff, vitals urgency, repetition and
 oscillation alerts, recent actions, stuck counter), written here as small reusable functions.
+Which blocks exist, their parameters and default phases are declared as data in
+``automem_jax.memory.schema.CONTEXT_BLOCKS``; importing this module fails if the two disagree.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from automem_jax.memory.schema import CONTEXT_BLOCKS
 
 # ------------------------------------------------------------------------- episode history
 
@@ -91,12 +96,25 @@ class Block:
     doc: str
 
 
+# The implemented blocks. Names, parameters, default phases and docs are declared in
+# memory.schema.CONTEXT_BLOCKS (what a structure may name); this module only adds the code.
 BLOCKS: dict[str, Block] = {}
 
 
-def register(name: str, phases: tuple[str, ...] = ("log", "plan"), **params):
+def register(name: str):
+    """Attach ``fn(history, phase, **params)`` to the declared block ``name``."""
     def deco(fn):
-        BLOCKS[name] = Block(name, fn, dict(params), phases, (fn.__doc__ or "").strip())
+        spec = CONTEXT_BLOCKS.get(name)
+        if spec is None:
+            raise ImportError(f"context block {name!r} is implemented but not declared in "
+                              "automem_jax.memory.schema.CONTEXT_BLOCKS")
+        if name in BLOCKS:
+            raise ImportError(f"context block {name!r} is implemented twice")
+        args = list(inspect.signature(fn).parameters)[2:]
+        if sorted(args) != sorted(spec.params):
+            raise ImportError(f"context block {name!r} takes parameters {args} but is declared "
+                              f"with {list(spec.params)}")
+        BLOCKS[name] = Block(name, fn, dict(spec.params), spec.phases, spec.doc)
         return fn
     return deco
 
@@ -138,7 +156,7 @@ def direction_word(dr: int, dc: int) -> str:
 # ------------------------------------------------------------------------- blocks
 
 
-@register("unchanged_observation", critical_after=3)
+@register("unchanged_observation")
 def unchanged_observation(h: EpisodeHistory, phase: str, critical_after: int) -> str:
     """Warn when the observation is identical to the previous one (the action had no effect)."""
     n = h.unchanged_streak
@@ -167,8 +185,7 @@ def _no_effect(h: EpisodeHistory, n: int) -> int:
     return sum(1 for j in range(1, n + 1) if j < len(texts) and texts[-j - 1] == texts[-j])
 
 
-@register("repetition", phases=("plan",), repeat_threshold=3, oscillation_window=6,
-          oscillation_flips=2)
+@register("repetition")
 def repetition(h: EpisodeHistory, phase: str, repeat_threshold: int, oscillation_window: int,
                oscillation_flips: int) -> str:
     """Alert on the same action chosen again and again, or on moves that go back and forth."""
@@ -249,7 +266,7 @@ _VITAL_FIX = {
 }
 
 
-@register("vitals_urgency", low=3, critical=1, hp_fraction=0.5)
+@register("vitals_urgency")
 def vitals_urgency(h: EpisodeHistory, phase: str, low: int, critical: int,
                    hp_fraction: float) -> str:
     """Flag low health/food/drink/energy (Crafter) or low HP and hunger (NetHack)."""
@@ -270,7 +287,7 @@ def vitals_urgency(h: EpisodeHistory, phase: str, low: int, critical: int,
     return "=== SURVIVAL URGENCY ===\n" + "\n".join(lines) if lines else ""
 
 
-@register("recent_actions", n=5)
+@register("recent_actions")
 def recent_actions(h: EpisodeHistory, phase: str, n: int) -> str:
     """The last n actions, oldest first, with invalid outputs shown next to what ran."""
     acts = list(h.actions)[-n:] if n > 0 else []
@@ -287,7 +304,7 @@ def recent_actions(h: EpisodeHistory, phase: str, n: int) -> str:
 _POS_RE = re.compile(r"\(x=(\d+),\s*y=(\d+)\)")
 
 
-@register("stuck_counter", threshold=3)
+@register("stuck_counter")
 def stuck_counter(h: EpisodeHistory, phase: str, threshold: int) -> str:
     """Steps spent on one tile (NetHack cursor), else steps without any change at all."""
     positions = [_POS_RE.search(obs_text(*o)) for o in h.observations]
@@ -402,7 +419,7 @@ def find_map_upstream(text: str) -> tuple[list[str], int, int] | None:
 MAP_STYLES = ("upstream", "corrected")
 
 
-@register("map_analysis", max_far_stairs=3, style="upstream")
+@register("map_analysis")
 def map_analysis(h: EpisodeHistory, phase: str, max_far_stairs: int, style: str) -> str:
     """What surrounds '@' on a NetHack/MiniHack map: passable, blocked, doors, monsters, stairs.
 
@@ -476,3 +493,14 @@ def map_analysis(h: EpisodeHistory, phase: str, max_far_stairs: int, style: str)
     if blocked:
         out.append("BLOCKED: " + ", ".join(blocked))
     return "\n".join(out)
+
+
+def _check_declared() -> None:
+    # A declared block without code would validate in a structure and then fail in every episode.
+    missing = [n for n in CONTEXT_BLOCKS if n not in BLOCKS]
+    if missing:
+        raise ImportError(f"context blocks declared in automem_jax.memory.schema but not "
+                          f"implemented here: {missing}")
+
+
+_check_declared()

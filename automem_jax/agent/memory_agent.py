@@ -31,7 +31,8 @@ from automem_jax.agent.types import (PHASE_LOG, PHASE_PLAN, PHASES, ROLE_GAMEPLA
                                      ROLE_POLICY, ChatRequest, Completion)
 from automem_jax.memory.ops import strip_action
 from automem_jax.memory.store import MemoryStore, OpResult, format_results
-from automem_jax.memory.structure import MemoryStructure, placeholders, render
+from automem_jax.memory.structure import MemoryStructure
+from automem_jax.memory.template import placeholders, render
 
 # Stands in for a specialist message that was nothing but its (stripped) action.
 CONSULTATION_DONE = "(memory consultation complete)"

@@ -29,8 +29,10 @@ from automem_jax.critic.tools import TraceTools
 from automem_jax.llm.client import check_kind_fields
 from automem_jax.llm.openai_http import EndpointError, OpenAIEndpoint, check_range, message_text
 from automem_jax.loops.judging import DEFAULT_TOKEN_BUDGET, render_batch
-from automem_jax.memory.structure import (BUDGET_DEFAULTS, LIMIT_DEFAULTS, PROMPT_PLACEHOLDERS, TOP_KEYS,
-                                          MemoryStructure)
+from automem_jax.memory import ops as ops_mod
+from automem_jax.memory.schema import (BUDGET_DEFAULTS, CONTEXT_BLOCKS, LIMIT_DEFAULTS, PROMPT_PLACEHOLDERS,
+                                       TOP_KEYS)
+from automem_jax.memory.structure import MemoryStructure
 
 log = logging.getLogger(__name__)
 
@@ -280,11 +282,9 @@ ENV_GOALS = {
 
 def schema_reference() -> str:
     """What a structure document may contain, generated from the schema so it cannot drift."""
-    from automem_jax.agent.context import BLOCKS
-    from automem_jax.memory import ops as ops_mod
     blocks = "\n".join(f"  - {b.name} (default phases {'/'.join(b.phases)}; params "
-                       f"{json.dumps(b.params) if b.params else 'none'}): {b.doc.splitlines()[0] if b.doc else ''}"
-                       for b in BLOCKS.values())
+                       f"{json.dumps(dict(b.params)) if b.params else 'none'}): {b.doc}"
+                       for b in CONTEXT_BLOCKS.values())
     prompts = "\n".join(f"  - {k}: {', '.join('{' + p + '}' for p in sorted(v)) or '(no placeholders)'}"
                         for k, v in PROMPT_PLACEHOLDERS.items())
     return (f"Top-level sections: {', '.join(TOP_KEYS)}.\n"

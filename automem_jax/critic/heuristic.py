@@ -27,7 +27,8 @@ from typing import Any, Callable
 import yaml
 
 from automem_jax.critic.tools import CONTROL_OPS, READ_OPS, is_empty_result
-from automem_jax.memory.structure import MAX_BUDGET_TURNS, MemoryStructure, StructureError
+from automem_jax.memory.schema import MAX_BUDGET_TURNS
+from automem_jax.memory.structure import MemoryStructure, StructureError
 
 # --------------------------------------------------------------------------------------------
 # The proposal format (shared with the LLM critic)

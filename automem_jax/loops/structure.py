@@ -42,7 +42,8 @@ import numpy as np
 from automem_jax import storage
 from automem_jax.critic.heuristic import ProposalError, parse_proposal
 from automem_jax.critic.tools import TraceTools
-from automem_jax.memory.structure import ENV_ALIASES, MemoryStructure, StructureError, diff
+from automem_jax.memory.diff import diff
+from automem_jax.memory.structure import ENV_ALIASES, MemoryStructure, StructureError
 from automem_jax.parallel import hosts
 
 _log = logging.getLogger(__name__)

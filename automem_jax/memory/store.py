@@ -15,44 +15,37 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from automem_jax.memory import ops as ops_mod
 from automem_jax.memory.ops import RULE, KeyedOp, OpCall, Parsed
-
-if TYPE_CHECKING:
-    from automem_jax.memory.structure import MemoryStructure
+from automem_jax.memory.schema import PHASES, Limits, PruneRule, name_problem, nbytes
 
 DEFAULT_PHASE_OPS = {
     "log": ("READ", "SEARCH", "TAIL", "COUNT", "APPEND", "WRITE", "CREATE", "DONE"),
     "plan": ("READ", "SEARCH", "TAIL", "COUNT", "ACTION"),
 }
 _SHOWN_NAME_CHARS = 40
-# Most file systems cap a name at 255 bytes; leave room for the mirror's temporary-file prefix.
-_MAX_NAME_BYTES = 200
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Hard caps. Upstream v0 had none; ours are generous enough not to bind in normal play."""
+class StoreSpec(Protocol):
+    """What ``MemoryStore.from_structure`` reads; a MemoryStructure is one."""
 
-    max_files: int = 64
-    max_file_lines: int = 5000
-    max_file_bytes: int = 262_144
-    max_payload_bytes: int = 16_384
-    max_search_results: int = 1000
-    max_name_chars: int = 100
-    max_ops_per_turn: int = 64
-    max_action_chars: int = 60
+    @property
+    def limits(self) -> Limits: ...
 
+    @property
+    def keyed_ops(self) -> Mapping[str, KeyedOp]: ...
 
-@dataclass(frozen=True)
-class PruneRule:
-    """After each LOG phase: a ``file`` over ``max_lines`` lines keeps its last ``keep_lines``."""
+    @property
+    def op_order(self) -> str: ...
 
-    file: str
-    max_lines: int
-    keep_lines: int
+    @property
+    def pruning(self) -> Collection[PruneRule]: ...
+
+    def initial_files(self) -> Mapping[str, str]: ...
+
+    def phase_ops(self, phase: str) -> Collection[str]: ...
 
 
 @dataclass(frozen=True)
@@ -78,41 +71,9 @@ class OpResult:
         return {"op": self.op, "args": list(self.args), "text": self.text, "ok": self.ok}
 
 
-def nbytes(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
 def _shown(name: str) -> str:
     clean = "".join(ch if ch.isprintable() else "?" for ch in name[:_SHOWN_NAME_CHARS])
     return clean + ("..." if len(name) > _SHOWN_NAME_CHARS else "")
-
-
-def name_problem(name: str, max_chars: int = 100) -> str | None:
-    """Why ``name`` cannot be a memory file name, or None if it can.
-
-    Memory is one flat directory, so anything that could name another place is refused.
-    """
-    if not name:
-        return "the name is empty"
-    if len(name) > max_chars:
-        return f"names are limited to {max_chars} characters"
-    if nbytes(name) > _MAX_NAME_BYTES:
-        return f"names are limited to {_MAX_NAME_BYTES} bytes of UTF-8"
-    if "\x00" in name:
-        return "the name contains a NUL byte"
-    if "/" in name or "\\" in name:
-        return "memory is flat: no directories or path separators"
-    if ".." in name:
-        return "'..' is not allowed in a name"
-    if name.startswith("."):
-        return "names may not start with '.'"
-    if name != name.strip():
-        return "names may not start or end with spaces"
-    if not name.isprintable():
-        return "the name contains control or unprintable characters"
-    if len(name) >= 2 and name[1] == ":" and name[0].isalpha():
-        return "drive-letter paths are not allowed"
-    return None
 
 
 def format_results(results: Collection[OpResult]) -> str:
@@ -156,10 +117,10 @@ class MemoryStore:
         self.reset()
 
     @classmethod
-    def from_structure(cls, structure: "MemoryStructure",
+    def from_structure(cls, structure: StoreSpec,
                        mirror_dir: str | os.PathLike | None = None) -> "MemoryStore":
         return cls(structure.initial_files(), limits=structure.limits,
-                   phase_ops={p: structure.phase_ops(p) for p in ("log", "plan")},
+                   phase_ops={p: structure.phase_ops(p) for p in PHASES},
                    keyed_ops=structure.keyed_ops, order=structure.op_order,
                    pruning=structure.pruning, mirror_dir=mirror_dir)
 

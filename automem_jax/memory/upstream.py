@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from automem_jax.memory import ops as ops_mod
-from automem_jax.memory.structure import (MemoryStructure, StructureError, placeholders,
-                                          render)
+from automem_jax.memory.structure import MemoryStructure, StructureError
+from automem_jax.memory.template import placeholders, render
 
 UPSTREAM_ENVS = ("crafter", "minihack", "nle")
 ENV_ARG_ALIASES = {"nethack": "nle"}
