@@ -264,4 +264,3 @@ class ServerState:
         self.begin_close()
         for f in self.fronts():
             f.close(max(0.0, deadline - time.monotonic()))
-

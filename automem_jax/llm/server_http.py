@@ -192,7 +192,8 @@ def build_app(state: ServerState):
     async def load_lora_adapter(request: Request):
         body = validate_body(LoadLoRAAdapterRequest, await _read_body_json(request, state.max_body_bytes))
         if body.load_inplace:
-            raise bad_request("load_inplace=true is not supported; unload the adapter first", "load_inplace", "unsupported")
+            raise bad_request("load_inplace=true is not supported; unload the adapter first", "load_inplace",
+                              "unsupported")
         # Off the event loop: reloading weights takes a while and the other models keep serving.
         await asyncio.to_thread(state.load_adapter, body.lora_name, body.lora_path)
         log.info("loaded LoRA adapter %r from %s", body.lora_name, body.lora_path)

@@ -233,4 +233,3 @@ def parse_chat_body(body: Any, served_names: tuple[str, ...], max_len: int):
     """Validates a chat-completions body (``ChatCompletionRequest``); returns (ChatRequest,
     SamplingParams) or raises ApiError. Streaming fields are read with `stream_settings`."""
     return chat_request(validate_body(ChatCompletionRequest, body), served_names, max_len)
-
