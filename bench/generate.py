@@ -5,9 +5,10 @@
 
 Both sides decode greedily with EOS disabled, so every row produces exactly --new_tokens tokens;
 the first token ids of both are compared before timing. Prints generated tokens/s per batch size
-and the ratio ours / transformers (target >= 3x at batch 16). With --runner it also measures the
-rollout runner: agent-steps/s for 16 Craftax episodes with every live agent's request in one
-generate call (the async runner), against the tick runner sending one request per call (target >= 4x).
+and the ratio ours / transformers (target >= 3x at batch 16). Then (unless --runner_episodes 0) it
+measures the rollout runner: agent-steps/s for --runner_episodes (16) Craftax episodes of
+--runner_steps (3) steps with every live agent's request in one generate call (the async runner),
+against the runner capped at one request per generate call (target >= 4x).
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ def test_invalid_requests_get_clear_errors(served, body, status, message):
 def test_sampling_fields_left_out_stay_unset():
     """Unset top_p / top_k / repetition_penalty reach the engine as None (its checkpoint defaults
     apply); given ones pass through (top_k -1 = off = 0)."""
-    from automem_jax.llm.server import parse_chat_body
+    from automem_jax.llm.server_schema import parse_chat_body
     _, p = parse_chat_body({"messages": MSG}, ("tiny",), 64)
     assert (p.top_p, p.top_k, p.repetition_penalty, p.temperature, p.max_tokens) == (None, None, None, 1.0, 64)
     _, p = parse_chat_body({"messages": MSG, "top_p": 0.8, "top_k": -1, "repetition_penalty": 1.05}, ("tiny",), 64)
@@ -188,7 +188,7 @@ ERRORS = [  # body -> (status, param, code) of the error; pydantic's loc becomes
 
 @pytest.mark.parametrize("body,status,param,code", ERRORS, ids=[e[2] for e in ERRORS])
 def test_chat_body_errors_name_the_field(body, status, param, code):
-    from automem_jax.llm.server import ApiError, parse_chat_body
+    from automem_jax.llm.server_schema import ApiError, parse_chat_body
     with pytest.raises(ApiError) as ei:
         parse_chat_body(body, ("tiny",), 64)
     assert (ei.value.status, ei.value.param, ei.value.code) == (status, param, code), ei.value.message
@@ -197,7 +197,7 @@ def test_chat_body_errors_name_the_field(body, status, param, code):
 def test_chat_request_model_ignores_unknown_fields(served):
     """ChatCompletionRequest: fields OpenAI or vLLM define that we do not use are ignored (vLLM
     does the same), the refused ones are accepted at their defaults, and its JSON schema lists them."""
-    from automem_jax.llm.server import ChatCompletionRequest, parse_chat_body, stream_settings
+    from automem_jax.llm.server_schema import ChatCompletionRequest, parse_chat_body, stream_settings
     body = {"messages": MSG, "max_completion_tokens": 3, "stop": "x", "user": "u-1", "metadata": {"k": "v"},
             "store": False, "parallel_tool_calls": True, "tools": [], "tool_choice": "none", "logprobs": False,
             "presence_penalty": 0, "response_format": {"type": "text"}}
@@ -462,7 +462,7 @@ def test_streamed_text_with_a_stop_string(served, sampling):
 def test_settled_text_never_takes_back_a_character():
     """Every settled prefix of a reply with multi-byte characters (decoded token by token, with
     incomplete UTF-8 at the cut) is a prefix of the final text."""
-    from automem_jax.llm.server import _settled
+    from automem_jax.llm.server_stream import _settled
     from automem_jax.models.tokenizer import load_tokenizer
     tok = load_tokenizer()
     final = "Caf\u00e9 \u4e16\u754c \U0001F389\U0001F333 done\u2014ok"

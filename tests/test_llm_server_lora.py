@@ -18,7 +18,8 @@ import pytest
 
 from automem_jax.agent.types import ChatRequest
 from automem_jax.llm.engine import Engine, SamplingParams
-from automem_jax.llm.server import base_model_factory, lora_engine_loader, serve
+from automem_jax.llm.server import serve
+from automem_jax.llm.server_engines import base_model_factory, lora_engine_loader
 
 KEY = "lora-test-key-31"
 MAX_LEN = 64
