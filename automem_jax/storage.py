@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -89,6 +90,22 @@ def read_json(path: str, *, missing: str = "", error: type[Exception] = ValueErr
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped). Reading stops at the first line that is
+    not JSON, with a warning: only a killed writer's last line can be torn."""
+    rows = []
+    for i, line in enumerate(read_text(path).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            logging.getLogger(__name__).warning("%s: line %d is not JSON; the rest of the file is ignored",
+                                                path, i + 1)
+            break
+    return rows
 
 
 _SHARED: list[str] = []  # folders only the primary host writes (the run's workdir)

@@ -434,25 +434,8 @@ SERVED_BASE = "policy"  # the base model's name on the replicas
 
 def combined_summary(run_dir: str) -> dict:
     """summarize() over every finished episode under run_dir/traces (all envs and tasks)."""
-    from automem_jax.rollout.traces import summarize
-    eps = []
-    root = storage.join(run_dir, "traces")
-    if storage.exists(root) or storage.is_gcs(root):
-        for env in _subdirs(root):
-            for task in _subdirs(storage.join(root, env)):
-                folder = storage.join(root, env, task)
-                for name in sorted(storage.listdir(folder)):
-                    if name.startswith("ep_") and name.endswith(".json"):
-                        eps.append(json.loads(storage.read_text(storage.join(folder, name))))
-    return summarize(eps)
-
-
-def _subdirs(path: str) -> list[str]:
-    try:
-        return sorted(n.rstrip("/") for n in storage.listdir(path) if n.endswith("/") or
-                      (not storage.is_gcs(path) and os.path.isdir(os.path.join(path, n))))
-    except FileNotFoundError:
-        return []
+    from automem_jax.rollout.traces import finished_results, summarize
+    return summarize(finished_results(run_dir))
 
 
 def _progress_line(name: str, s: dict) -> str:
@@ -702,7 +685,8 @@ def _judge(run: Run):
 
 def phase_loop2(run: Run) -> dict:
     """Mine good memory turns -> postprocess -> LoRA SFT -> two-model eval; one ledger row per iteration."""
-    from automem_jax.loops.proficiency import NotEnoughExamples, run_loop2
+    from automem_jax.loops.loop2 import run_loop2
+    from automem_jax.loops.loop2_data import NotEnoughExamples
 
     cfg = run.cfg
     l2 = cfg.loop2
@@ -809,7 +793,7 @@ def trainer_lora(tcfg):
 
 
 def best_iteration(workdir: str) -> dict | None:
-    from automem_jax.loops.proficiency import read_ledger
+    from automem_jax.loops.loop2 import read_ledger
     rows = read_ledger(workdir)
     if not rows:
         return None

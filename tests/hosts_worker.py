@@ -11,7 +11,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 
 from automem_jax import storage  # noqa: E402
-from automem_jax.loops.proficiency import NotEnoughExamples  # noqa: E402
+from automem_jax.loops.loop2_data import NotEnoughExamples  # noqa: E402
 from automem_jax.parallel import hosts  # noqa: E402
 
 seen: dict = {}

@@ -179,7 +179,7 @@ def test_apply_recipe_scales_the_train_config():
 
 
 def test_a_critic_without_instructions_judges_through_llm_judge_with_the_note():
-    from automem_jax.loops.proficiency import LLMJudge
+    from automem_jax.loops.judging import LLMJudge
 
     class Critic:  # LLMCritic's shape: a chat client, a fixed system prompt of its own
         client = type("Client", (), {"chat": lambda self, messages: "[]"})()

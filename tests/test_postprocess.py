@@ -22,7 +22,7 @@ import subprocess
 import pytest
 
 from automem_jax.loops import postprocess as PP
-from automem_jax.loops import proficiency as P
+from automem_jax.loops import loop2_data as P
 
 UPSTREAM_COMMIT = "1987b8f"
 UPSTREAM_FILE = "loop2_training_engine/postprocess.py"
@@ -104,7 +104,7 @@ def test_shapes_cover_the_audited_cases():
     assert got[1]["content"] == "<|SEARCH|>a.txt|x<|END|>" and got[0] == {"role": "user", "content": "prompt 0"}
     out, _ = PP.postprocess({"phase": "plan", "messages": SHAPES["plan_search_reason_action"][0]})
     assert out["edits"] == ["action_cut", "tail_trimmed"]
-    assert P.postprocess is PP.postprocess and P.verify is PP.verify  # proficiency re-exports them
+    assert P.postprocess is PP.postprocess and P.verify is PP.verify  # loop2_data imports them
 
 
 # ----------------------------------------------------------------------------- live differential

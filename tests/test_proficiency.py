@@ -8,7 +8,9 @@ import re
 import pytest
 
 from automem_jax.agent.types import Completion
-from automem_jax.loops import proficiency as P
+from automem_jax.critic import protocol
+from automem_jax.loops import judging, loop2, loop2_data, loop2_mining
+from automem_jax.loops import postprocess as PP
 from automem_jax.rollout.traces import summarize
 from automem_jax.training.data import validate_conversation
 
@@ -72,7 +74,7 @@ def _by_id(cands):
 
 
 def test_extract_candidates_rebuild_the_chat_verbatim(run_dir):
-    cands = P.extract_candidates(run_dir)
+    cands = loop2_mining.extract_candidates(run_dir)
     ids = _by_id(cands)
     assert len(ids) == len(cands)
     prefix = "craftax/Craftax-Classic/ep0"
@@ -102,8 +104,8 @@ def test_extract_candidates_rebuild_the_chat_verbatim(run_dir):
     assert ids[f"{prefix}/s3/log"]["empty_searches"] == 1 and ids[f"{prefix}/s3/log"]["redundant_writes"] == 0
     # PLAN keeps its trailing action-only turn (upstream's post-processing then drops such an example)
     assert [m["content"] for m in ids[f"{prefix}/s0/plan"]["messages"][1::2]] == [PLAN_SEARCH, PLAN_ACT]
-    assert P.postprocess(ids[f"{prefix}/s0/plan"]) == (None, "action_only")
-    assert P.extract_candidates(run_dir, phases=("plan",)) == [c for c in cands if c["phase"] == "plan"]
+    assert PP.postprocess(ids[f"{prefix}/s0/plan"]) == (None, "action_only")
+    assert loop2_mining.extract_candidates(run_dir, phases=("plan",)) == [c for c in cands if c["phase"] == "plan"]
     s1 = ids[f"{prefix}/s1/log"]
     assert s1["prev_action"] == lines[0]["validated_action"] and s1["memory_before"] == lines[0]["memory_snapshot"]
     assert s1["observation"].startswith(lines[1]["obs_long_term"])
@@ -123,7 +125,7 @@ def last(out):
 
 
 def test_fence_around_ops_is_unwrapped_in_every_assistant_turn():
-    out, why = P.postprocess(ex("log", "```\n<|SEARCH|>a.txt|x<|END|>\n```",
+    out, why = PP.postprocess(ex("log", "```\n<|SEARCH|>a.txt|x<|END|>\n```",
                                 "Noting it:\n```text\n<|APPEND|>a.txt|x seen<|END|>\n<|DONE|>\n```"))
     assert why == "ok" and "fence_unwrapped" in out["edits"]
     assert out["messages"][1]["content"] == "<|SEARCH|>a.txt|x<|END|>"
@@ -132,48 +134,48 @@ def test_fence_around_ops_is_unwrapped_in_every_assistant_turn():
 
 
 def test_log_is_cut_at_done():
-    out, why = P.postprocess(ex("log", "<|APPEND|>a.txt|x<|END|>\n<|DONE|>\nAlso <|APPEND|>a.txt|y<|END|>"))
+    out, why = PP.postprocess(ex("log", "<|APPEND|>a.txt|x<|END|>\n<|DONE|>\nAlso <|APPEND|>a.txt|y<|END|>"))
     assert why == "ok" and last(out) == "<|APPEND|>a.txt|x<|END|>\n<|DONE|>" and out["edits"] == ["done_cut"]
 
 
 def test_plan_is_cut_before_the_action():
-    out, why = P.postprocess(ex("plan", PLAN_MIXED))
+    out, why = PP.postprocess(ex("plan", PLAN_MIXED))
     assert why == "ok" and last(out) == "<|TAIL|>actions_log.txt|2<|END|>"
     assert out["edits"] == ["action_cut", "tail_trimmed"]
-    out, why = P.postprocess(ex("plan", "<|READ|>a.txt<|END|>\nACTION: Noop"))  # the line form too
+    out, why = PP.postprocess(ex("plan", "<|READ|>a.txt<|END|>\nACTION: Noop"))  # the line form too
     assert why == "ok" and last(out) == "<|READ|>a.txt<|END|>"
 
 
 def test_action_only_plan_is_dropped():
-    assert P.postprocess(ex("plan", PLAN_SEARCH, "Going east. <|ACTION|>Move East<|END|>")) == (None, "action_only")
+    assert PP.postprocess(ex("plan", PLAN_SEARCH, "Going east. <|ACTION|>Move East<|END|>")) == (None, "action_only")
     # long reasoning without a lookup is not action-only, but it has no memory op either
     long_text = "I think about it. " * 20 + "<|ACTION|>Noop<|END|>"
-    assert P.postprocess(ex("plan", long_text)) == (None, "no_memory_op_after_cut")
+    assert PP.postprocess(ex("plan", long_text)) == (None, "no_memory_op_after_cut")
 
 
 def test_last_turn_without_memory_op_is_dropped():
-    assert P.postprocess(ex("log", "Nothing new.")) == (None, "no_op_in_last_turn")
+    assert PP.postprocess(ex("log", "Nothing new.")) == (None, "no_op_in_last_turn")
     # As upstream: DONE counts as an op, and ops are recognised by their tags in any phase
-    out, why = P.postprocess(ex("log", LOG_GOOD_0, "<|DONE|>"))
+    out, why = PP.postprocess(ex("log", LOG_GOOD_0, "<|DONE|>"))
     assert why == "ok" and last(out) == "<|DONE|>"
-    out, why = P.postprocess(ex("log", "<|DONE|> <|APPEND|>a.txt|late<|END|>"))
+    out, why = PP.postprocess(ex("log", "<|DONE|> <|APPEND|>a.txt|late<|END|>"))
     assert why == "ok" and last(out) == "<|DONE|>" and out["edits"] == ["done_cut"]
     for text in ("<|APPEND|>a.txt|x<|END|>", "<|TAIL|>a.txt|many<|END|>", "<|search|>a.txt|x<|end|>"):
-        out, why = P.postprocess(ex("plan", text))
+        out, why = PP.postprocess(ex("plan", text))
         assert why == "ok" and last(out) == text
 
 
 def test_text_after_the_last_op_is_trimmed():
-    out, why = P.postprocess(ex("log", "Checking.\n<|SEARCH|>a.txt|x<|END|>\nI expect nothing there."))
+    out, why = PP.postprocess(ex("log", "Checking.\n<|SEARCH|>a.txt|x<|END|>\nI expect nothing there."))
     assert why == "ok" and last(out) == "Checking.\n<|SEARCH|>a.txt|x<|END|>" and out["edits"] == ["tail_trimmed"]
-    out, why = P.postprocess(ex("log", "<|UPSERT_MAP|>(3,4)|fountain<|END|> then more"))  # keyed ops count
+    out, why = PP.postprocess(ex("log", "<|UPSERT_MAP|>(3,4)|fountain<|END|> then more"))  # keyed ops count
     assert why == "ok" and last(out) == "<|UPSERT_MAP|>(3,4)|fountain<|END|>"
 
 
 def test_remaining_fence_drops_the_example():
-    assert P.postprocess(ex("log", "```python\nx = 1\n```\n<|APPEND|>a.txt|x<|END|>")) == (None, "fence_remaining")
+    assert PP.postprocess(ex("log", "```python\nx = 1\n```\n<|APPEND|>a.txt|x<|END|>")) == (None, "fence_remaining")
     # an earlier turn may keep a fence that holds no op: only the last turn is held to the rule
-    out, why = P.postprocess(ex("log", "```\nplain\n```\n<|READ|>a.txt<|END|>", "<|APPEND|>a.txt|y<|END|>"))
+    out, why = PP.postprocess(ex("log", "```\nplain\n```\n<|READ|>a.txt<|END|>", "<|APPEND|>a.txt|y<|END|>"))
     assert why == "ok" and "```" in out["messages"][1]["content"]
 
 
@@ -181,25 +183,25 @@ def test_bad_alternation_is_dropped():
     good = ex("log", "<|READ|>a.txt<|END|>")["messages"]
     for msgs in ([], good[:1], good[::-1], [good[0], good[0], good[1]], good + [good[0]],
                  [{"role": "system", "content": "s"}] + good, [{"role": "user", "content": None}, good[1]]):
-        assert P.postprocess({"phase": "log", "messages": msgs}) == (None, "bad_alternation")
-    assert P.postprocess({"messages": good})[1] == "ok"  # phase-agnostic, as upstream
+        assert PP.postprocess({"phase": "log", "messages": msgs}) == (None, "bad_alternation")
+    assert PP.postprocess({"messages": good})[1] == "ok"  # phase-agnostic, as upstream
 
 
 def test_turn_with_an_action_is_cut_before_it_in_any_phase():
-    assert P.postprocess(ex("log", "<|ACTION|>Noop<|END|> <|APPEND|>a.txt|x<|END|>")) == \
+    assert PP.postprocess(ex("log", "<|ACTION|>Noop<|END|> <|APPEND|>a.txt|x<|END|>")) == \
         (None, "no_memory_op_after_cut")
-    out, why = P.postprocess(ex("log", "<|APPEND|>a.txt|x<|END|> <|ACTION|>Noop<|END|>"))
+    out, why = PP.postprocess(ex("log", "<|APPEND|>a.txt|x<|END|> <|ACTION|>Noop<|END|>"))
     assert why == "ok" and last(out) == "<|APPEND|>a.txt|x<|END|>"
     # an ACTION before DONE survives upstream's rules but fails its post-checks: dropped here
-    assert P.postprocess(ex("log", "<|ACTION|>Noop<|END|><|DONE|>")) == (None, "post_check:action_in_last")
+    assert PP.postprocess(ex("log", "<|ACTION|>Noop<|END|><|DONE|>")) == (None, "post_check:action_in_last")
 
 
 def test_verify_is_clean_on_postprocess_output_and_flags_bad_examples(run_dir):
     crafted = [ex("log", "```\n<|APPEND|>a.txt|x<|END|>\n<|DONE|>\n```"), ex("plan", PLAN_MIXED),
                ex("log", "<|SEARCH|>a.txt|x<|END|> trailing"), ex("plan", "<|READ|>a.txt<|END|>")]
-    kept, dropped = P.postprocess_all(crafted + P.extract_candidates(run_dir))
+    kept, dropped = PP.postprocess_all(crafted + loop2_mining.extract_candidates(run_dir))
     assert len(kept) >= len(crafted) and dropped
-    assert P.verify(kept) == []
+    assert PP.verify(kept) == []
     assert all(c["messages"][-1]["content"].endswith(("<|END|>", "<|DONE|>")) for c in kept)
     bad = {
         "fence": ex("log", "```\n<|APPEND|>a.txt|x<|END|>\n```"),
@@ -209,7 +211,7 @@ def test_verify_is_clean_on_postprocess_output_and_flags_bad_examples(run_dir):
         "alternation": {"id": "alt", "phase": "log", "messages": [{"role": "assistant", "content": "<|DONE|>"}]},
     }
     for what, example in bad.items():
-        problems = P.verify([example])
+        problems = PP.verify([example])
         assert problems and any(what in p for p in problems), (what, problems)
 
 
@@ -238,7 +240,7 @@ def test_judge_reply_missing_an_id_rejects_it_and_never_accepts_by_default():
             out = [d if d["id"] != "c4" else {**d, "decision": "maybe"} for d in out]
         return out
     judge = StubJudge(reply)
-    got = P.judge_candidates(_cands(5), judge, batch_size=3)
+    got = judging.judge_candidates(_cands(5), judge, batch_size=3)
     assert judge.calls == [["c0", "c1", "c2"], ["c3", "c4"]]
     assert [d["id"] for d in got] == [f"c{i}" for i in range(5)]
     d = {x["id"]: x for x in got}
@@ -247,9 +249,9 @@ def test_judge_reply_missing_an_id_rejects_it_and_never_accepts_by_default():
     assert d["c4"]["decision"] == "reject" and "invalid decision" in d["c4"]["reason"]
     assert d["c1"]["decision"] == d["c2"]["decision"] == "accept"
     conflicting = StubJudge(lambda b: [{"id": "c0", "decision": "accept"}, {"id": "c0", "decision": "reject"}])
-    assert P.judge_candidates(_cands(1), conflicting)[0]["decision"] == "reject"
-    with pytest.raises(P.JudgeError, match="list"):
-        P.judge_candidates(_cands(2), StubJudge(lambda b: {"c0": "accept"}))
+    assert judging.judge_candidates(_cands(1), conflicting)[0]["decision"] == "reject"
+    with pytest.raises(protocol.JudgeError, match="list"):
+        judging.judge_candidates(_cands(2), StubJudge(lambda b: {"c0": "accept"}))
 
 
 class FakeChat:
@@ -267,23 +269,23 @@ def test_llm_judge_reads_a_fenced_json_reply():
                            {"role": "assistant", "content": "<|APPEND|>a.txt|x<|END|>"}]}]
     chat = FakeChat('Here you go:\n```json\n[{"id": "craftax/T/ep0/s1/log", "decision": "accept", '
                     '"reason": "new fact"}]\n```')
-    judge = P.LLMJudge(chat, token_budget=500)
+    judge = judging.LLMJudge(chat, token_budget=500)
     assert judge.judge(batch) == [{"id": "craftax/T/ep0/s1/log", "decision": "accept", "reason": "new fact"}]
     prompt = chat.seen[0][-1]["content"]
     assert "craftax/T/ep0/s1/log" in prompt and "<|APPEND|>a.txt|x<|END|>" in prompt
-    assert len(prompt) < len(P.DEFAULT_JUDGE_INSTRUCTIONS) + 2500  # the long prompt was clipped
+    assert len(prompt) < len(judging.DEFAULT_JUDGE_INSTRUCTIONS) + 2500  # the long prompt was clipped
     assert judge.render_log == [{"candidates": 1, "tokens": judge.render_log[0]["tokens"], "clipped": 1,
                                  "over_budget": 0, "budget_tokens": 500, "counter": "chars/4 estimate"}]
     assert 400 < judge.render_log[0]["tokens"] <= 500
 
 
 def test_llm_judge_shows_observation_memory_and_replies_within_bounds(run_dir):
-    cands = [c for c in P.extract_candidates(run_dir) if c["step"] == 1]
+    cands = [c for c in loop2_mining.extract_candidates(run_dir) if c["step"] == 1]
     chat = FakeChat(json.dumps([{"id": c["id"], "decision": "reject", "reason": "meh"} for c in cands]))
-    got = P.judge_candidates(cands, P.LLMJudge(chat, token_budget=1500))
+    got = judging.judge_candidates(cands, judging.LLMJudge(chat, token_budget=1500))
     assert [d["decision"] for d in got] == ["reject"] * len(cands)
     prompt = chat.seen[0][0]["content"]
-    assert len(prompt) < len(P.DEFAULT_JUDGE_INSTRUCTIONS) + len(cands) * (1500 * 4 + 100)
+    assert len(prompt) < len(judging.DEFAULT_JUDGE_INSTRUCTIONS) + len(cands) * (1500 * 4 + 100)
     for c in cands:
         # the whole context: observation, every memory file as it was, the previous action, the turns
         assert c["id"] in prompt and c["observation"] in prompt and c["prev_action"] in prompt
@@ -298,11 +300,11 @@ def test_llm_judge_retries_once_with_the_parse_error_then_rejects_all():
     batch = _cands(2)
     chat = FakeChat("[{'id': c0}", '[{"id": "c0", "decision": "accept", "reason": "ok"}, '
                     '{"id": "c1", "decision": "reject", "reason": "dup"}]')
-    got = P.judge_candidates(batch, P.LLMJudge(chat))
+    got = judging.judge_candidates(batch, judging.LLMJudge(chat))
     assert [d["decision"] for d in got] == ["accept", "reject"] and len(chat.seen) == 2
     assert chat.seen[1][-2]["content"] == "[{'id': c0}" and "could not be used" in chat.seen[1][-1]["content"]
     chat = FakeChat("no idea", "still {not json")
-    got = P.judge_candidates(batch, P.LLMJudge(chat))
+    got = judging.judge_candidates(batch, judging.LLMJudge(chat))
     assert len(chat.seen) == 2
     assert all(d["decision"] == "reject" and d["source"] == "judge_error" and "unusable" in d["reason"] for d in got)
 
@@ -352,9 +354,9 @@ def test_judge_render_report_reaches_selection_stats(run_dir, tmp_path):
     class EchoChat:
         def chat(self, messages):
             return reply(messages)
-    judge = P.LLMJudge(EchoChat(), token_budget=800)
+    judge = judging.LLMJudge(EchoChat(), token_budget=800)
     out = str(tmp_path / "ds")
-    stats = P.build_iteration_dataset(run_dir, out, judge, min_examples=1, batch_size=4)
+    stats = loop2_data.build_iteration_dataset(run_dir, out, judge, min_examples=1, batch_size=4)
     r = stats["judge_render"]
     assert r["batches"] == len(judge.render_log) > 1 and r["counter"] == ["chars/4 estimate"]
     assert r["candidates"] == sum(b["candidates"] for b in judge.render_log) and r["budget_tokens"] == [800]
@@ -376,10 +378,10 @@ def _read(path):
 def test_build_iteration_dataset_writes_the_folder_and_resumes(run_dir, tmp_path):
     out = str(tmp_path / "ds")
     judge = StubJudge(accept_odd_steps)
-    stats = P.build_iteration_dataset(run_dir, out, judge, min_examples=1, version=7, batch_size=4)
+    stats = loop2_data.build_iteration_dataset(run_dir, out, judge, min_examples=1, version=7, batch_size=4)
     assert sorted(os.listdir(out)) == ["DONE", "judge_cache", "review_decisions.jsonl", "selected.jsonl",
                                        "selection_stats.json"]
-    cands = P.extract_candidates(run_dir)
+    cands = loop2_mining.extract_candidates(run_dir)
     rows = _read(os.path.join(out, "review_decisions.jsonl"))
     assert [r["id"] for r in rows] == [c["id"] for c in cands]  # every candidate has a decision
     assert all(set(r) >= {"episode", "step", "phase", "decision", "reason"} for r in rows)
@@ -388,7 +390,7 @@ def test_build_iteration_dataset_writes_the_folder_and_resumes(run_dir, tmp_path
     # (a LOG ending in a bare <|DONE|> is kept, as upstream keeps it: DONE counts as an op)
     assert {r["reason"] for r in pp} >= {"action_only", "no_op_in_last_turn"}
     selected = _read(os.path.join(out, "selected.jsonl"))
-    assert selected and P.verify(selected) == []
+    assert selected and PP.verify(selected) == []
     for s in selected:  # rows are what the SFT data builder reads
         assert validate_conversation(s["conversations"], s["id"]) == s["conversations"]
         assert s["meta"]["phase"] in ("log", "plan") and s["conversations"][-1]["role"] == "assistant"
@@ -403,31 +405,31 @@ def test_build_iteration_dataset_writes_the_folder_and_resumes(run_dir, tmp_path
 
     def boom(batch):
         raise AssertionError("a finished dataset must not be judged again")
-    assert P.build_iteration_dataset(run_dir, out, StubJudge(boom), min_examples=1, version=7) == stats
+    assert loop2_data.build_iteration_dataset(run_dir, out, StubJudge(boom), min_examples=1, version=7) == stats
 
 
 def test_too_few_examples_raise_but_keep_the_judged_work(run_dir, tmp_path):
     out = str(tmp_path / "ds")
     judge = StubJudge(accept_odd_steps)
-    with pytest.raises(P.NotEnoughExamples) as e:
-        P.build_iteration_dataset(run_dir, out, judge, min_examples=10_000)
+    with pytest.raises(loop2_data.NotEnoughExamples) as e:
+        loop2_data.build_iteration_dataset(run_dir, out, judge, min_examples=10_000)
     assert e.value.min_examples == 10_000 and e.value.selected == e.value.stats["selected"] > 0
     assert not os.path.exists(os.path.join(out, "DONE"))
     assert json.load(open(os.path.join(out, "selection_stats.json")))["status"] == "not_enough_examples"
     # the re-run reuses the cached verdicts: the judge is not asked again
     again = StubJudge(accept_odd_steps)
-    stats = P.build_iteration_dataset(run_dir, out, again, min_examples=10_000, allow_fewer=True)
+    stats = loop2_data.build_iteration_dataset(run_dir, out, again, min_examples=10_000, allow_fewer=True)
     assert again.calls == [] and stats["selected"] == e.value.selected
     assert os.path.exists(os.path.join(out, "DONE"))
 
 
 def test_top_pct_keeps_the_best_episodes(run_dir, tmp_path):
-    cands = P.extract_candidates(run_dir)
+    cands = loop2_mining.extract_candidates(run_dir)
     fake = [dict(c, episode_progression=0.5 if c["episode"] == 1 else 0.1) for c in cands]
-    kept, dropped = P.filter_top_episodes(fake, 50)
+    kept, dropped = loop2_mining.filter_top_episodes(fake, 50)
     assert {c["episode"] for c in kept} == {1} and {c["episode"] for c in dropped} == {0}
-    assert P.filter_top_episodes(fake, 100) == (fake, [])
-    stats = P.build_iteration_dataset(run_dir, str(tmp_path / "ds"), StubJudge(accept_odd_steps),
+    assert loop2_mining.filter_top_episodes(fake, 100) == (fake, [])
+    stats = loop2_data.build_iteration_dataset(run_dir, str(tmp_path / "ds"), StubJudge(accept_odd_steps),
                                       min_examples=0, top_pct=50)
     assert stats["by_stage"]["filter"]["reject"] == len(cands) // 2
 
@@ -468,11 +470,11 @@ def test_run_loop2_writes_ledger_rows_and_resumes_without_redoing_units(run_dir,
     kw = dict(workdir=workdir, traces_dir=run_dir, judge=StubJudge(accept_odd_steps), train_fn=train_fn,
               eval_fn=eval_fn, iterations=2, min_examples=1, reuse_dataset=True)
     with pytest.raises(RuntimeError, match="eval crashed"):
-        P.run_loop2(**kw)
-    assert calls == {"train": [0, 1], "eval": [0, 1]} and len(P.read_ledger(workdir)) == 1
-    rows = P.run_loop2(**kw)  # iteration 0 is in the ledger; iteration 1 only needs its eval
+        loop2.run_loop2(**kw)
+    assert calls == {"train": [0, 1], "eval": [0, 1]} and len(loop2.read_ledger(workdir)) == 1
+    rows = loop2.run_loop2(**kw)  # iteration 0 is in the ledger; iteration 1 only needs its eval
     assert calls == {"train": [0, 1], "eval": [0, 1, 1]}
-    assert [r["iteration"] for r in rows] == [0, 1] and P.read_ledger(workdir) == rows
+    assert [r["iteration"] for r in rows] == [0, 1] and loop2.read_ledger(workdir) == rows
     assert sorted(os.listdir(os.path.join(workdir, "datasets"))) == ["0"]  # reused by iteration 1
     r0, r1 = rows
     assert r0["dataset_dir"] == r1["dataset_dir"]
@@ -486,10 +488,10 @@ def test_run_loop2_writes_ledger_rows_and_resumes_without_redoing_units(run_dir,
     assert set(r0["counts"]) >= {"by_phase", "by_decision"} and r0["seconds"]["train"] is not None
     assert r1["seconds"]["train"] is None  # loaded from its DONE marker
 
-    assert P.run_loop2(**kw) == rows and calls == {"train": [0, 1], "eval": [0, 1, 1]}
-    more = P.run_loop2(**{**kw, "iterations": 1, "start_iteration": 2, "reuse_dataset": False})
+    assert loop2.run_loop2(**kw) == rows and calls == {"train": [0, 1], "eval": [0, 1, 1]}
+    more = loop2.run_loop2(**{**kw, "iterations": 1, "start_iteration": 2, "reuse_dataset": False})
     assert calls["train"][-1] == 2 and more[0]["dataset_dir"].endswith(os.path.join("datasets", "2"))
-    assert [r["iteration"] for r in P.read_ledger(workdir)] == [0, 1, 2]
+    assert [r["iteration"] for r in loop2.read_ledger(workdir)] == [0, 1, 2]
 
 
 def _turn(role, prompt, response, ops=(), error=None):
@@ -525,30 +527,30 @@ def test_two_model_consultation_stops_at_the_gameplay_model_and_at_errors(tmp_pa
               "plan": {"turns": [_turn("memory", "x", "", error="boom")]},  # first call failed: nothing to mine
               "memory_snapshot": {"notes.txt": "door east\ndoor east"}}]
     run = _write_run(str(tmp_path / "run"), {0: lines, 1: lines}, finished=(0,))  # episode 1 is unfinished
-    cands = _by_id(P.extract_candidates(run))
+    cands = _by_id(loop2_mining.extract_candidates(run))
     assert sorted(cands) == ["nethack/NetHackChallenge-v0/ep0/s0/plan", "nethack/NetHackChallenge-v0/ep0/s1/log"]
     p0 = cands["nethack/NetHackChallenge-v0/ep0/s0/plan"]
     # The memory model's turns, up to the gameplay model's: the last one is action-only, so
     # post-processing drops the example, as upstream drops such a PLAN.
     assert [m["content"] for m in p0["messages"]] == ["p0", "<|SEARCH|>map.txt|stairs<|END|>", "results",
                                                       "Nothing. <|ACTION|>search<|END|>"]
-    assert P.postprocess(p0) == (None, "action_only")
+    assert PP.postprocess(p0) == (None, "action_only")
     assert p0["empty_searches"] == 1 and p0["seed"] == 9 and p0["episode_progression"] == 0.25
     l1 = cands["nethack/NetHackChallenge-v0/ep0/s1/log"]
     assert len(l1["messages"]) == 2 and l1["redundant_writes"] == 1  # "door east" was already stored
     assert l1["reward"] == 1.0 and l1["progression_delta"] == 0.25
     # the traces folder itself is accepted as well as the run folder
-    assert _by_id(P.extract_candidates(os.path.join(run, "traces"))).keys() == cands.keys()
+    assert _by_id(loop2_mining.extract_candidates(os.path.join(run, "traces"))).keys() == cands.keys()
 
 
 def test_dataset_on_gcs(run_dir, gcs_emulator):
     from automem_jax import storage
     out = f"{gcs_emulator}/loop2/datasets/0"
-    stats = P.build_iteration_dataset(run_dir, out, StubJudge(accept_odd_steps), min_examples=1)
+    stats = loop2_data.build_iteration_dataset(run_dir, out, StubJudge(accept_odd_steps), min_examples=1)
     assert storage.exists(f"{out}/DONE") and stats["selected"] > 0
     rows = [json.loads(x) for x in storage.read_text(f"{out}/selected.jsonl").splitlines()]
-    assert len(rows) == stats["selected"] and P.verify(rows) == []
-    assert P.build_iteration_dataset(run_dir, out, StubJudge(lambda b: 1 / 0), min_examples=1) == stats
+    assert len(rows) == stats["selected"] and PP.verify(rows) == []
+    assert loop2_data.build_iteration_dataset(run_dir, out, StubJudge(lambda b: 1 / 0), min_examples=1) == stats
 
 
 # ----------------------------------------------------------------------------- cap and decider
@@ -564,24 +566,24 @@ def _sel(phase, ep, n):
 
 def test_stratified_cap_keeps_phase_and_episode_shares_and_is_seeded():
     rows = _sel("log", 0, 30) + _sel("log", 1, 10) + _sel("plan", 0, 20) + _sel("plan", 2, 40)
-    kept, strata = P.stratified_cap(rows, 20, seed=3)
+    kept, strata = loop2_data.stratified_cap(rows, 20, seed=3)
     assert len(kept) == 20 and [r for r in rows if r in kept] == kept  # original order kept
     assert strata["log"]["accepted"] == 40 and strata["log"]["kept"] == 8  # 40% of 20
     assert strata["plan"]["kept"] == 12
     assert strata["log"]["by_episode"] == {"craftax/T/ep0": [30, 6], "craftax/T/ep1": [10, 2]}
     assert strata["plan"]["by_episode"] == {"craftax/T/ep0": [20, 4], "craftax/T/ep2": [40, 8]}
-    assert P.stratified_cap(rows, 20, seed=3) == (kept, strata)  # deterministic
-    other, _ = P.stratified_cap(rows, 20, seed=4)
+    assert loop2_data.stratified_cap(rows, 20, seed=3) == (kept, strata)  # deterministic
+    other, _ = loop2_data.stratified_cap(rows, 20, seed=4)
     assert len(other) == 20 and {r["id"] for r in other} != {r["id"] for r in kept}
-    assert P.stratified_cap(rows, 500, seed=3)[0] == rows
+    assert loop2_data.stratified_cap(rows, 500, seed=3)[0] == rows
 
 
 def test_build_iteration_dataset_caps_the_selection_and_records_it(run_dir, tmp_path):
-    full = P.build_iteration_dataset(run_dir, str(tmp_path / "all"), StubJudge(_accept_all), min_examples=1)
+    full = loop2_data.build_iteration_dataset(run_dir, str(tmp_path / "all"), StubJudge(_accept_all), min_examples=1)
     n = full["selected"]
     assert n > 4 and full["accepted"] == n and full["cap"]["applied"] is False
     out = str(tmp_path / "cap")
-    stats = P.build_iteration_dataset(run_dir, out, StubJudge(_accept_all), min_examples=1, max_examples=4,
+    stats = loop2_data.build_iteration_dataset(run_dir, out, StubJudge(_accept_all), min_examples=1, max_examples=4,
                                       sample_seed=1)
     assert stats["selected"] == 4 and stats["accepted"] == n and stats["cap"]["kept"] == 4
     assert stats["cap"]["applied"] and stats["cap"]["sample_seed"] == 1
@@ -592,7 +594,7 @@ def test_build_iteration_dataset_caps_the_selection_and_records_it(run_dir, tmp_
     capped = [r for r in rows if r["stage"] == "cap"]
     assert len(capped) == n - 4 and all(r["judge_decision"] == "accept" for r in capped)
     ids = [s["id"] for s in _read(os.path.join(out, "selected.jsonl"))]
-    again = P.build_iteration_dataset(run_dir, str(tmp_path / "cap2"), StubJudge(_accept_all), min_examples=1,
+    again = loop2_data.build_iteration_dataset(run_dir, str(tmp_path / "cap2"), StubJudge(_accept_all), min_examples=1,
                                       max_examples=4, sample_seed=1)
     assert [s["id"] for s in _read(str(tmp_path / "cap2" / "selected.jsonl"))] == ids
     assert again["cap"]["strata"] == strata
@@ -633,7 +635,7 @@ def test_run_loop2_with_the_decider_changes_course_between_iterations(run_dir, t
     kw = dict(workdir=workdir, traces_dir=run_dir, judge=judge, train_fn=train_fn,
               eval_fn=_fake_eval({0: 0.2, 1: 0.1, 2: 0.3}), iterations=2, min_examples=1, max_examples=4,
               decider=Decider(opts, None))
-    rows = P.run_loop2(**kw)
+    rows = loop2.run_loop2(**kw)
     r0, r1 = rows
     assert r0["decision"]["by"] == "initial" and r1["decision"]["by"] == "fallback"
     assert r1["decision"]["critic"] == "the critic is offline (heuristic)"
@@ -648,10 +650,10 @@ def test_run_loop2_with_the_decider_changes_course_between_iterations(run_dir, t
     asked = sum(len(c) for c in judge.calls)
     assert asked == r0["n_candidates"] - r0["counts"]["by_stage"].get("postprocess", {}).get("reject", 0)
     assert json.load(open(os.path.join(workdir, "loop2", "1", "decision", "decision.json"))) == r1["decision"]
-    assert P.read_ledger(workdir) == rows
+    assert loop2.read_ledger(workdir) == rows
 
     # iteration 2: progression fell in iteration 1 -> back to iteration 0's recipe, stricter judge
-    more = P.run_loop2(**{**kw, "iterations": 1, "start_iteration": 2})
+    more = loop2.run_loop2(**{**kw, "iterations": 1, "start_iteration": 2})
     d2 = more[0]["decision"]
     assert d2["judge"] == "strict" and d2["recipe"] == r0["decision"]["recipe"] and "fell" in d2["rationale"]
 
@@ -676,8 +678,8 @@ def test_run_loop2_asks_the_critic_once_per_iteration_and_resumes_its_choice(run
               eval_fn=_fake_eval({0: 0.2, 1: 0.3}), iterations=2, min_examples=1,
               decider=Decider(Options(lora_rank=16, lr_scales=(1, 2)), chat))
     with pytest.raises(RuntimeError, match="train crashed"):
-        P.run_loop2(**kw)
-    rows = P.run_loop2(**kw)
+        loop2.run_loop2(**kw)
+    rows = loop2.run_loop2(**kw)
     assert len(asked) == 1  # the saved decision is reused on resume
     d = rows[1]["decision"]
     assert d["by"] == "critic" and d["data"] == "reuse" and d["recipe"]["lr_scale"] == 2

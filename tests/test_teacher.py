@@ -8,8 +8,9 @@ import pytest
 from automem_jax.agent.memory_agent import MemoryAgent, drive
 from automem_jax.agent.types import ChatRequest, Completion
 from automem_jax.envs import describe_crafter as dc
-from automem_jax.loops.teacher import (Notes, TeacherClient, parse_observation, phase_conversation,
-                                        teacher_examples)
+from automem_jax.loops.chats import phase_chat
+from automem_jax.loops.teacher import TeacherClient, teacher_examples
+from automem_jax.loops.teacher_prompt import Notes, parse_observation
 from automem_jax.memory.ops import parse
 from automem_jax.memory.structure import MemoryStructure
 from automem_jax.rollout.runner import Runner
@@ -313,7 +314,7 @@ def test_two_model_chats_hand_over_and_become_examples():
         assert rec.action_valid and not rec.plan.fallback
         assert rec.plan.turns[-1].model_role == "gameplay"
         assert any(t.handoff for t in rec.plan.turns)
-    conv = phase_conversation(rec.plan.to_dict())
+    conv = phase_chat(rec.plan.to_dict())
     assert [m["role"] for m in conv] == ["user", "assistant"] * (len(conv) // 2)
     assert "<|ACTION|>" not in "".join(m["content"] for m in conv[:-1] if m["role"] == "assistant")
     assert conv[-1]["content"].startswith("<|ACTION|>")

@@ -421,7 +421,7 @@ class StrictnessJudge:
             self._judge = copy.copy(inner)
             self._judge.instructions = inner.instructions + note
         elif note and callable(getattr(getattr(inner, "client", None), "chat", None)):
-            from automem_jax.loops.proficiency import DEFAULT_JUDGE_INSTRUCTIONS, LLMJudge
+            from automem_jax.loops.judging import DEFAULT_JUDGE_INSTRUCTIONS, LLMJudge
             self._judge = LLMJudge(inner.client, DEFAULT_JUDGE_INSTRUCTIONS + note)
 
     def judge(self, batch: list[dict]) -> list[dict]:
