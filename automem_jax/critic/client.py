@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from automem_jax.critic.heuristic import (PROPOSAL_FORMAT, HeuristicCritic, ProposalError, ProposalReply,
-                                          parse_proposal)
+from automem_jax.critic.heuristic import HeuristicCritic
+from automem_jax.critic.protocol import (PROPOSAL_FORMAT, JudgeError, ProposalError, ProposalReply, find_json_list,
+                                         parse_proposal)
 from automem_jax.critic.tools import TraceTools
 from automem_jax.llm.client import check_kind_fields
 from automem_jax.llm.openai_http import EndpointError, OpenAIEndpoint, check_range, message_text
@@ -461,13 +461,11 @@ def _summary_line(tools: TraceTools) -> str:
 def _decisions(batch: list[dict], text: str) -> list[dict]:
     """Decisions for a batch from the critic's JSON; a candidate it skipped is rejected, saying so."""
     found: dict[str, dict] = {}
-    m = re.search(r"```(?:json)?\s*(\[.*?\])\s*```", text or "", re.DOTALL)
-    raw = m.group(1) if m else (text or "")[(text or "").find("["):(text or "").rfind("]") + 1]
     try:
-        items = json.loads(raw) if raw else []
-    except json.JSONDecodeError:
-        items = []
-    for it in items if isinstance(items, list) else []:
+        items = find_json_list(text or "")
+    except JudgeError:
+        items = []  # an unusable reply rejects the whole batch, candidate by candidate
+    for it in items:
         if isinstance(it, dict) and str(it.get("decision", "")).lower() in ("accept", "reject"):
             found.setdefault(str(it.get("id")), it)
     out = []

@@ -10,7 +10,7 @@ the observation, the memory and the last reply go last. Tokens are counted with 
 one is given (anything with ``encode(text)`` or a callable returning a sequence), else estimated as
 characters / 4; every render reports which.
 
-Stdlib only: ``critic.client`` imports this module, and ``loops.structure`` imports the critic.
+Stdlib only: ``critic.client`` imports this module, and ``loops.loop1_structure`` imports the critic.
 """
 from __future__ import annotations
 
