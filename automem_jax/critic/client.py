@@ -162,7 +162,7 @@ class CriticClient(OpenAIEndpoint):
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or 0)
         except (ValueError, TypeError, AttributeError) as e:
-            raise self._malformed(self.chat_url, f"{type(e).__name__}: {e}", json.dumps(obj).encode(), 200) from None
+            raise self.malformed(self.chat_url, f"{type(e).__name__}: {e}", json.dumps(obj).encode(), 200) from None
         return CriticReply(content=content, tool_calls=calls, prompt_tokens=prompt_tokens,
                            completion_tokens=completion_tokens, finish_reason=str(choice.get("finish_reason") or ""))
 
