@@ -327,7 +327,7 @@ def print_requests(proxy: RecordingProxy) -> None:
 
 def reply_error(text: str) -> str | None:
     """parse_proposal's error for one reply (None: it holds a schema-valid document)."""
-    from automem_jax.critic.heuristic import ProposalError, parse_proposal
+    from automem_jax.critic.protocol import ProposalError, parse_proposal
     try:
         parse_proposal(text, validate=True)
     except ProposalError as e:

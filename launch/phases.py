@@ -614,7 +614,7 @@ def make_critic(cfg):
 
 
 def loop1_config(cfg):
-    from automem_jax.loops.structure import Loop1Config
+    from automem_jax.loops.loop1_structure import Loop1Config
     l1 = cfg.loop1
     return Loop1Config(revisions=l1.revisions, fresh_attempts=l1.fresh_attempts,
                        continuation_retries=l1.continuation_retries, accept=l1.accept,
@@ -643,7 +643,7 @@ def best_structure(run: Run):
 
 def phase_loop1(run: Run) -> dict:
     """Critic revisions of the memory structure, kept only when progression on the eval seeds improves."""
-    from automem_jax.loops.structure import run_loop1
+    from automem_jax.loops.loop1_structure import run_loop1
     seeds = parse_seeds(run.cfg.eval.seeds)
     baseline_dir = run.path("eval", "baseline")
     baseline = _read_json(storage.join(baseline_dir, "summary.json"))

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from automem_jax.critic import CriticClient, HeuristicCritic, LLMCritic, ProposalReply, format_proposal
-from automem_jax.loops.structure import (Loop1Config, continuation_feedback, decide, metric_of, paired_bootstrap,
+from automem_jax.loops.loop1_structure import (Loop1Config, continuation_feedback, decide, metric_of, paired_bootstrap,
                                          run_loop1, runner_evaluator)
 from automem_jax.loops.teacher import TeacherClient
 from automem_jax.memory.structure import MemoryStructure

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from automem_jax.critic.heuristic import parse_proposal
+from automem_jax.critic.protocol import parse_proposal
 from bench.loop1_real_critic import (CriticServer, RecordingProxy, counts, llm_overrides, read_archive, reply_error,
                                      reply_text, run_launcher)
 

@@ -326,21 +326,21 @@ def _big_candidate():
 
 
 def test_clipping_keeps_observation_memory_and_replies_and_cuts_fixed_text_first():
-    from automem_jax.loops import judging
+    from automem_jax.critic import judge_view
     c, results = _big_candidate()
-    text, info = judging.render_candidate(c, token_budget=1200)
+    text, info = judge_view.render_candidate(c, token_budget=1200)
     assert info["clipped"] and not info["over_budget"] and info["tokens"] <= 1200
     assert c["observation"] in text and all(v in text for v in c["memory_before"].values())
     assert "Move North" in text and all(m["content"] in text for m in c["messages"][1::2])
     assert "Follow these rules carefully. " * 20 not in text  # the fixed instructions went first
     assert results[-1][-300:] in text and results[0][-300:] not in text  # older results before newer
-    whole, info = judging.render_candidate(c, token_budget=100_000)
+    whole, info = judge_view.render_candidate(c, token_budget=100_000)
     assert not info["clipped"] and all(r in whole for r in results)
 
     class WordTokenizer:  # any encode(text) -> sequence counts
         def encode(self, s):
             return s.split()
-    texts, report = judging.render_batch([c, c], 500, WordTokenizer())
+    texts, report = judge_view.render_batch([c, c], 500, WordTokenizer())
     assert report["counter"] == "tokenizer" and report["clipped"] == 2 and report["candidates"] == 2
     assert report["tokens"] == sum(len(t.split()) for t in texts) and report["tokens"] <= 2 * 500
     assert all(c["observation"] in t for t in texts)

@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from automem_jax.critic.heuristic import (PROPOSAL_FORMAT, HeuristicCritic, ProposalError, ProposalReply,
-                                          parse_proposal)
+from automem_jax.critic.heuristic import HeuristicCritic
+from automem_jax.critic.protocol import (PROPOSAL_FORMAT, JudgeError, ProposalError, ProposalReply, find_json_list,
+                                         parse_proposal)
 from automem_jax.critic.tools import TraceTools
 from automem_jax.llm.client import check_kind_fields
 from automem_jax.llm.openai_http import EndpointError, OpenAIEndpoint, check_range, message_text
-from automem_jax.loops.judging import DEFAULT_TOKEN_BUDGET, render_batch
+from automem_jax.critic.judge_view import DEFAULT_TOKEN_BUDGET, render_batch
 from automem_jax.memory import ops as ops_mod
 from automem_jax.memory.schema import (BUDGET_DEFAULTS, CONTEXT_BLOCKS, LIMIT_DEFAULTS, PROMPT_PLACEHOLDERS,
                                        TOP_KEYS)
@@ -164,7 +164,7 @@ class CriticClient(OpenAIEndpoint):
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or 0)
         except (ValueError, TypeError, AttributeError) as e:
-            raise self._malformed(self.chat_url, f"{type(e).__name__}: {e}", json.dumps(obj).encode(), 200) from None
+            raise self.malformed(self.chat_url, f"{type(e).__name__}: {e}", json.dumps(obj).encode(), 200) from None
         return CriticReply(content=content, tool_calls=calls, prompt_tokens=prompt_tokens,
                            completion_tokens=completion_tokens, finish_reason=str(choice.get("finish_reason") or ""))
 
@@ -356,7 +356,7 @@ class LLMCritic:
         self.digest_tokens, self.judge_batch, self.repair_rounds = int(digest_tokens), int(judge_batch), int(repair_rounds)
         # Loop 2: tokens per rendered candidate, counted with judge_tokenizer if set, else estimated.
         self.judge_token_budget, self.judge_tokenizer = int(judge_token_budget), judge_tokenizer
-        self.render_log: list[dict] = []  # one report per judge request (loops.judging.render_batch)
+        self.render_log: list[dict] = []  # one report per judge request (critic.judge_view.render_batch)
         self._calls = 0
 
     def __repr__(self) -> str:
@@ -461,13 +461,11 @@ def _summary_line(tools: TraceTools) -> str:
 def _decisions(batch: list[dict], text: str) -> list[dict]:
     """Decisions for a batch from the critic's JSON; a candidate it skipped is rejected, saying so."""
     found: dict[str, dict] = {}
-    m = re.search(r"```(?:json)?\s*(\[.*?\])\s*```", text or "", re.DOTALL)
-    raw = m.group(1) if m else (text or "")[(text or "").find("["):(text or "").rfind("]") + 1]
     try:
-        items = json.loads(raw) if raw else []
-    except json.JSONDecodeError:
-        items = []
-    for it in items if isinstance(items, list) else []:
+        items = find_json_list(text or "")
+    except JudgeError:
+        items = []  # an unusable reply rejects the whole batch, candidate by candidate
+    for it in items:
         if isinstance(it, dict) and str(it.get("decision", "")).lower() in ("accept", "reject"):
             found.setdefault(str(it.get("id")), it)
     out = []

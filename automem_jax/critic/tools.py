@@ -8,7 +8,8 @@ the model can read and correct, never an exception (the session must survive a m
 
 Run folder layout (local or gs://, via automem_jax.storage):
 ``traces/<env>/<task>/ep_<k>.jsonl`` (one line per step), ``ep_<k>.json`` (finished episode) and
-``summary.json``. Episodes are numbered 0..N-1 across all env/task folders in sorted order.
+``summary.json`` (walked by ``rollout.traces.iter_episodes``). Episodes are numbered 0..N-1 across all
+env/task folders in sorted order, running ones included.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import yaml
 
 from automem_jax import storage
 from automem_jax.memory.structure import MemoryStructure
-from automem_jax.rollout.traces import HygieneCounter
+from automem_jax.rollout.traces import EpisodeFiles, HygieneCounter, iter_episodes, load_finished
 
 CONTROL_OPS = ("DONE", "ACTION")
 READ_OPS = ("READ", "SEARCH", "TAIL", "COUNT")
@@ -32,7 +33,6 @@ MAX_STEPS_PER_READ = 20
 MAX_HITS = 100
 STRING_CAP = 1200  # per string in read_steps; whole replies are capped by max_reply_chars
 _CACHED_EPISODES = 4  # parsed episodes kept in memory (NetHack traces can be large)
-_EP_RE = re.compile(r"^ep_(\d+)\.jsonl?$")
 
 
 def clip(text: Any, n: int) -> str:
@@ -85,21 +85,22 @@ def is_empty_result(op: dict) -> bool:
     return str(op.get("text", "")).startswith(EMPTY_RESULT_PREFIXES)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Episode:
-    id: int
-    env: str
-    task: str
-    index: int
-    folder: str
+    id: int  # the number the tools show: position across every env/task folder
+    files: EpisodeFiles
 
     @property
-    def jsonl(self) -> str:
-        return storage.join(self.folder, f"ep_{self.index}.jsonl")
+    def env(self) -> str:
+        return self.files.env
 
     @property
-    def json(self) -> str:
-        return storage.join(self.folder, f"ep_{self.index}.json")
+    def task(self) -> str:
+        return self.files.task
+
+    @property
+    def index(self) -> int:
+        return self.files.index
 
     @property
     def label(self) -> str:
@@ -129,35 +130,17 @@ class TraceTools:
 
     def episodes(self) -> list[_Episode]:
         if self._episodes is None:
-            found = []
-            root = storage.join(self.run_dir, "traces")
-            for env in storage.listdir(root):
-                for task in storage.listdir(storage.join(root, env)):
-                    folder = storage.join(root, env, task)
-                    ks = {int(m.group(1)) for m in map(_EP_RE.match, storage.listdir(folder)) if m}
-                    found += [(env, task, k, folder) for k in sorted(ks)]
-            self._episodes = [_Episode(i, env, task, k, folder) for i, (env, task, k, folder) in enumerate(found)]
+            # Running and cut episodes too (steps only): a critic may browse a run in progress.
+            found = iter_episodes(self.run_dir, finished=False)
+            self._episodes = [_Episode(i, f) for i, f in enumerate(found)]
         return self._episodes
-
-    def _iter_lines(self, ep: _Episode):
-        """Trace lines of one episode, streamed (a torn last line of a running episode is skipped)."""
-        try:
-            with storage.local_file(ep.jsonl) as path, open(path, encoding="utf-8", errors="replace") as f:
-                for raw in f:
-                    if raw.strip():
-                        try:
-                            yield json.loads(raw)
-                        except json.JSONDecodeError:
-                            continue
-        except FileNotFoundError:
-            return
 
     def steps(self, episode: int) -> list[dict]:
         """All trace lines of an episode (parsed; a few episodes are cached)."""
         if episode in self._cache:
             self._cache.move_to_end(episode)
             return self._cache[episode]
-        lines = list(self._iter_lines(self.episodes()[episode]))
+        lines = list(self.episodes()[episode].files.steps())
         self._cache[episode] = lines
         while len(self._cache) > _CACHED_EPISODES:
             self._cache.popitem(last=False)
@@ -172,10 +155,7 @@ class TraceTools:
         return self._stats[episode]
 
     def _compute_stats(self, ep: _Episode) -> dict:
-        try:
-            result = json.loads(storage.read_text(ep.json))
-        except (FileNotFoundError, json.JSONDecodeError):
-            result = None
+        result = load_finished(ep.files.folder, ep.index)  # read now: the episode may have finished since
         s: dict[str, Any] = {
             "id": ep.id, "env": ep.env, "task": ep.task, "index": ep.index, "steps": 0, "return": 0.0,
             "progression": 0.0, "end_reason": "unfinished", "seed": None, "invalid_actions": 0,
@@ -190,7 +170,7 @@ class TraceTools:
         hygiene = HygieneCounter()  # the runner's own hygiene definitions, for unfinished episodes too
         zero, run, last_action = 0, 0, None
         last_line = None
-        for line in self._iter_lines(ep):
+        for line in ep.files.steps():
             last_line = line
             step = line.get("step", s["steps"])
             s["first_step"] = step if s["first_step"] is None else s["first_step"]
@@ -424,7 +404,7 @@ class TraceTools:
             targets = self.episodes()
         hits, total = [], 0
         for ep in targets:
-            for line in self._iter_lines(ep):
+            for line in ep.files.steps():
                 for where, text in self._searchable(line, field):
                     for m in rx.finditer(text):
                         total += 1

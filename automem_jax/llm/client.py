@@ -359,12 +359,12 @@ class OpenAIClient(OpenAIEndpoint):
                                        stop=list(r.stop) if r.stop else None, extra_body=self.extra_body)
             message = obj["choices"][0]["message"]
             if "content" not in message:  # null is a legitimate empty answer; a missing field is not
-                raise self._malformed(self.chat_url, "choices[0].message has no content", json.dumps(obj).encode(),
+                raise self.malformed(self.chat_url, "choices[0].message has no content", json.dumps(obj).encode(),
                                       200)
             try:
                 text = message_text(message["content"])
             except TypeError as e:
-                raise self._malformed(self.chat_url, str(e), json.dumps(obj).encode(), 200) from None
+                raise self.malformed(self.chat_url, str(e), json.dumps(obj).encode(), 200) from None
             usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
             return Completion(text=text, tokens_in=int(usage.get("prompt_tokens") or 0),
                               tokens_out=int(usage.get("completion_tokens") or 0),

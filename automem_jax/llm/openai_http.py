@@ -378,7 +378,8 @@ class OpenAIEndpoint:
         return EndpointError(self._redact(msg), status, url, kind=kind, attempts=max(attempts, 1),
                              detail=self._redact(detail))
 
-    def _malformed(self, url: str, why: str, raw: bytes, status: int | None) -> EndpointError:
+    def malformed(self, url: str, why: str, raw: bytes, status: int | None) -> EndpointError:
+        """The error for a 2xx reply that is not a usable chat completion (subclasses check more fields)."""
         snippet = raw[:200].decode("utf-8", "replace")
         return EndpointError(self._redact(f"malformed chat completion from {url} ({why}): {snippet}"), status, url,
                              kind=MALFORMED, attempts=max(self._sdk.attempts(), 1))
@@ -397,13 +398,13 @@ class OpenAIEndpoint:
         try:
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
-            raise self._malformed(self.chat_url, f"not JSON: {e}", data, raw.status_code) from None
+            raise self.malformed(self.chat_url, f"not JSON: {e}", data, raw.status_code) from None
         choices = obj.get("choices") if isinstance(obj, dict) else None
         if not isinstance(choices, list) or not choices:
-            raise self._malformed(self.chat_url, "no choices", data, raw.status_code)
+            raise self.malformed(self.chat_url, "no choices", data, raw.status_code)
         message = choices[0].get("message") if isinstance(choices[0], dict) else None
         if not isinstance(message, dict):
-            raise self._malformed(self.chat_url, "choices[0] has no message", data, raw.status_code)
+            raise self.malformed(self.chat_url, "choices[0] has no message", data, raw.status_code)
         return obj
 
     def _url(self, path: str) -> str:

@@ -40,11 +40,12 @@ from typing import Any
 import numpy as np
 
 from automem_jax import storage
-from automem_jax.critic.heuristic import ProposalError, parse_proposal
+from automem_jax.critic.protocol import ProposalError, parse_proposal
 from automem_jax.critic.tools import TraceTools
 from automem_jax.memory.diff import diff
 from automem_jax.memory.structure import ENV_ALIASES, MemoryStructure, StructureError
 from automem_jax.parallel import hosts
+from automem_jax.rollout.traces import iter_episodes
 
 _log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ ACCEPT_RULES = ("strict", "bootstrap")
 # Bookkeeping fields: a proposal that changes only these changes nothing the agent sees.
 META_KEYS = ("name", "version", "parent", "notes")
 BASELINE_ID = "v0"
-_EP_JSON_RE = re.compile(r"^ep_(\d+)\.json$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,19 +132,10 @@ def per_seed_progression(run_dir: str | None) -> dict[str, float]:
     if not run_dir:
         return {}
     found: list[tuple[str, str, int, dict]] = []
-    root = storage.join(run_dir, "traces")
-    for env in storage.listdir(root):
-        for task in storage.listdir(storage.join(root, env)):
-            folder = storage.join(root, env, task)
-            for name in storage.listdir(folder):
-                m = _EP_JSON_RE.match(name)
-                if not m:
-                    continue
-                try:
-                    ep = json.loads(storage.read_text(storage.join(folder, name)))
-                except (FileNotFoundError, json.JSONDecodeError):
-                    continue
-                found.append((env, task, int(m.group(1)), ep))
+    for ep in iter_episodes(run_dir):
+        result = ep.result()  # None for a torn write: that episode is left out
+        if result is not None:
+            found.append((ep.env, ep.task, ep.index, result))
     tasks = {(env, task) for env, task, _, _ in found}
     out: dict[str, float] = {}
     for env, task, k, ep in sorted(found, key=lambda t: (t[0], t[1], t[2])):
@@ -383,7 +374,7 @@ class _Loop1:
         _write(self.version_path(0), start.to_yaml())
         t0 = time.perf_counter()
         if summary is None and run_dir:
-            summary = hosts.primary(lambda: _read_json_or_none(storage.join(run_dir, "summary.json")),
+            summary = hosts.primary(lambda: storage.read_json(storage.join(run_dir, "summary.json"), default=None),
                                     f"loop1 baseline summary {run_dir}")
         if summary is None:
             run_dir = storage.join(self.cand_dir(BASELINE_ID), "eval")
@@ -460,7 +451,7 @@ class _Loop1:
 
     @staticmethod
     def _saved_proposal(cdir: str) -> dict | None:
-        saved = _read_json_or_none(storage.join(cdir, "proposal.json"))
+        saved = storage.read_json(storage.join(cdir, "proposal.json"), default=None)
         if saved is None:
             return None
         return {"proposal": saved, "structure": storage.read_text(storage.join(cdir, "structure.yaml"))}
@@ -608,13 +599,6 @@ def _write(path: str, text: str) -> None:
     """Process 0 writes the loop's files; the other hosts keep the same state in memory."""
     if storage.primary_host():
         storage.write_text(path, text)
-
-
-def _read_json_or_none(path: str):
-    try:
-        return json.loads(storage.read_text(path))
-    except FileNotFoundError:
-        return None
 
 
 def run_loop1(*, critic, start: MemoryStructure, evaluate: Callable[[MemoryStructure, str], Mapping],
