@@ -37,6 +37,21 @@ from automem_jax.memory.template import placeholders, render
 # Stands in for a specialist message that was nothing but its (stripped) action.
 CONSULTATION_DONE = "(memory consultation complete)"
 
+# What ends a turn loop, named as PhaseRecord.end_reason records it.
+END_DONE, END_ACTION = "done", "action"
+
+
+@dataclass(frozen=True)
+class TurnPolicy:
+    """What differs between the agent's turn loops: LOG, PLAN and the two-model consultation."""
+
+    phase: str  # the turns' phase; the store runs only that phase's ops (PLAN is read-only)
+    role: str  # the model that answers
+    budget: int  # turns at most
+    ends_on: str  # END_DONE: a turn with DONE; END_ACTION: a turn that commits an action
+    continue_prompt: str  # the prompt that shows a turn's op results
+    handoff: bool = False  # consultation: its end, or a turn without ops, hands the chat on
+
 
 @dataclass
 class TurnRecord:
@@ -238,21 +253,58 @@ class MemoryAgent:
                 "commands": self._commands[phase],
                 "step": step, "context": "\n\n".join(rest), **blocks}
 
-    def _request(self, messages: list[dict], phase: str, role: str) -> ChatRequest:
-        return ChatRequest(messages=list(messages), phase=phase, model_role=role, stop=None,
-                           max_tokens=self.budgets["max_tokens"])
+    def _request(self, messages: list[dict], policy: TurnPolicy) -> ChatRequest:
+        return ChatRequest(messages=list(messages), phase=policy.phase, model_role=policy.role,
+                           stop=None, max_tokens=self.budgets["max_tokens"])
 
-    def _turn(self, phase: str, role: str, messages: list[dict], reply: Completion,
+    def _turn(self, policy: TurnPolicy, messages: list[dict], reply: Completion,
               results: list[OpResult] | None = None) -> TurnRecord:
         results = results or []
         mem = [r for r in results if not r.is_control]
         action = next((r.args[0] for r in results if r.op == "ACTION"), None)
-        return TurnRecord(phase=phase, model_role=role, prompt=messages[-1]["content"],
-                          response=reply.text, ops=[r.to_dict() for r in mem],
-                          tool_results=format_results(mem), committed_action=action,
+        return TurnRecord(phase=policy.phase, model_role=policy.role,
+                          prompt=messages[-1]["content"], response=reply.text,
+                          ops=[r.to_dict() for r in mem], tool_results=format_results(mem),
+                          committed_action=action,
                           done=any(r.op == "DONE" for r in results),
                           tokens_in=reply.tokens_in, tokens_out=reply.tokens_out,
                           model_id=reply.model_id, error=reply.error)
+
+    def _turns(self, policy: TurnPolicy, rec: PhaseRecord, messages: list[dict],
+               extra: dict | None = None):
+        """The one turn loop: ask, run the reply's ops, show their results, until the policy's end.
+
+        Appends every turn to ``rec.turns`` and the chat to ``messages``; returns why it stopped:
+        the policy's ``ends_on``, ``no_ops``, ``budget``, ``error`` or ``handoff``. ``extra`` holds
+        values for the continue prompt beyond results and file_index.
+        """
+        p = self.structure.prompts
+        for _ in range(policy.budget):
+            reply = _as_completion((yield self._request(messages, policy)))
+            if reply.error is not None:
+                rec.turns.append(self._turn(policy, messages, reply))
+                return "error"
+            results = self.store.execute(reply.text, policy.phase)
+            turn = self._turn(policy, messages, reply, results)
+            rec.turns.append(turn)
+            ended = turn.done if policy.ends_on == END_DONE else turn.committed_action is not None
+            if policy.handoff and (ended or not turn.ops):
+                # The specialist never chooses the game action: drop it, keep its lookups.
+                turn.handoff = True
+                said = (strip_action(reply.text) or CONSULTATION_DONE) if ended else reply.text
+                handoff = (render(p["handoff_with_results"], {"results": turn.tool_results})
+                           if turn.tool_results else p["handoff"])
+                messages += [{"role": "assistant", "content": said},
+                             {"role": "user", "content": handoff}]
+                return "handoff"
+            messages.append({"role": "assistant", "content": reply.text})
+            if ended:
+                return policy.ends_on
+            if not turn.ops:
+                return "no_ops"
+            messages.append({"role": "user", "content": render(p[policy.continue_prompt], {
+                "results": turn.tool_results, "file_index": self.store.index(), **(extra or {})})})
+        return "budget"
 
     def _log_phase(self, step: int, text: str, blocks: dict[str, str]):
         p = self.structure.prompts
@@ -262,27 +314,11 @@ class MemoryAgent:
         values.update(action_description=render(p[key], facts), prev_step=step - 1)
         rec = PhaseRecord(PHASE_LOG, initial_prompt=render(p["log"], values))
         messages = [{"role": "user", "content": rec.initial_prompt}]
-        role = ROLE_MEMORY if self.two_model else ROLE_POLICY
-        rec.end_reason = "budget"
-        for _ in range(self.budgets["log_turns"]):
-            reply = _as_completion((yield self._request(messages, PHASE_LOG, role)))
-            if reply.error is not None:
-                rec.turns.append(self._turn(PHASE_LOG, role, messages, reply))
-                rec.end_reason = "error"
-                break
-            results = self.store.execute(reply.text, PHASE_LOG)
-            turn = self._turn(PHASE_LOG, role, messages, reply, results)
-            rec.turns.append(turn)
-            messages.append({"role": "assistant", "content": reply.text})
-            if turn.done:
-                rec.end_reason = "done"
-                break
-            if not turn.ops:
-                rec.end_reason = "no_ops"
-                break
-            messages.append({"role": "user", "content": render(p["log_continue"], {
-                "results": turn.tool_results, "file_index": self.store.index(), "step": step,
-                "prev_step": step - 1, "action_description": values["action_description"]})})
+        policy = TurnPolicy(PHASE_LOG, ROLE_MEMORY if self.two_model else ROLE_POLICY,
+                            self.budgets["log_turns"], END_DONE, "log_continue")
+        rec.end_reason = yield from self._turns(policy, rec, messages, {
+            "step": step, "prev_step": step - 1,
+            "action_description": values["action_description"]})
         return rec
 
     def _plan_phase(self, step: int, text: str, blocks: dict[str, str]):
@@ -292,60 +328,21 @@ class MemoryAgent:
         rec = PhaseRecord(PHASE_PLAN, initial_prompt=render(p["plan"], values))
         messages = [{"role": "user", "content": rec.initial_prompt}]
         if self.two_model:
-            yield from self._consult(rec, messages)
-            role, budget = ROLE_GAMEPLAY, self.budgets["gameplay_turns"]
+            # The specialist's lookups first; how they end only shapes the chat handed on.
+            consult = TurnPolicy(PHASE_PLAN, ROLE_MEMORY, self.budgets["plan_turns"], END_ACTION,
+                                 "plan_continue", handoff=True)
+            yield from self._turns(consult, rec, messages)
+            policy = TurnPolicy(PHASE_PLAN, ROLE_GAMEPLAY, self.budgets["gameplay_turns"],
+                                END_ACTION, "plan_continue")
         else:
-            role, budget = ROLE_POLICY, self.budgets["plan_turns"]
-        rec.end_reason = "budget"
-        for _ in range(budget):
-            reply = _as_completion((yield self._request(messages, PHASE_PLAN, role)))
-            if reply.error is not None:
-                rec.turns.append(self._turn(PHASE_PLAN, role, messages, reply))
-                rec.end_reason = "error"
-                break
-            results = self.store.execute(reply.text, PHASE_PLAN)
-            turn = self._turn(PHASE_PLAN, role, messages, reply, results)
-            rec.turns.append(turn)
-            messages.append({"role": "assistant", "content": reply.text})
-            if turn.committed_action is not None:
-                rec.final_action, rec.end_reason = turn.committed_action, "action"
-                break
-            if not turn.ops:
-                rec.end_reason = "no_ops"
-                break
-            messages.append({"role": "user", "content": render(p["plan_continue"], {
-                "results": turn.tool_results, "file_index": self.store.index()})})
-        if rec.final_action is None:
+            policy = TurnPolicy(PHASE_PLAN, ROLE_POLICY, self.budgets["plan_turns"], END_ACTION,
+                                "plan_continue")
+        rec.end_reason = yield from self._turns(policy, rec, messages)
+        if rec.end_reason == END_ACTION:
+            rec.final_action = rec.turns[-1].committed_action
+        else:
             rec.final_action, rec.fallback = self.structure.fallback_action, True
         return rec
-
-    def _consult(self, rec: PhaseRecord, messages: list[dict]):
-        """Two-model PLAN, first half: the specialist reads memory, then hands the chat over."""
-        p = self.structure.prompts
-        for _ in range(self.budgets["plan_turns"]):
-            reply = _as_completion((yield self._request(messages, PHASE_PLAN, ROLE_MEMORY)))
-            if reply.error is not None:
-                rec.turns.append(self._turn(PHASE_PLAN, ROLE_MEMORY, messages, reply))
-                return
-            results = self.store.execute(reply.text, PHASE_PLAN)
-            turn = self._turn(PHASE_PLAN, ROLE_MEMORY, messages, reply, results)
-            rec.turns.append(turn)
-            if turn.committed_action is not None:
-                # The specialist never chooses the game action: drop it, keep its lookups.
-                turn.handoff = True
-                messages.append({"role": "assistant",
-                                 "content": strip_action(reply.text) or CONSULTATION_DONE})
-                handoff = (render(p["handoff_with_results"], {"results": turn.tool_results})
-                           if turn.tool_results else p["handoff"])
-                messages.append({"role": "user", "content": handoff})
-                return
-            messages.append({"role": "assistant", "content": reply.text})
-            if not turn.ops:
-                turn.handoff = True
-                messages.append({"role": "user", "content": p["handoff"]})
-                return
-            messages.append({"role": "user", "content": render(p["plan_continue"], {
-                "results": turn.tool_results, "file_index": self.store.index()})})
 
 
 def drive(step: Generator[ChatRequest, Completion, tuple[str, StepRecord]],
