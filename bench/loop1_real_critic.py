@@ -219,14 +219,14 @@ def reply_text(record: dict) -> str | None:
 
 # ---------------------------------------------------------------------------- the launcher
 
-def launcher_cmd(workdir: str, phases: str, overrides: dict) -> list[str]:
+def launcher_cmd(workdir: str, stages: str, overrides: dict) -> list[str]:
     return ([sys.executable, "-m", "launch.tpu_run", "--config=configs/tiny.py", f"--workdir={workdir}",
-             f"--phases={phases}"] + [f"--config.{k}={v}" for k, v in overrides.items()])
+             f"--stages={stages}"] + [f"--config.{k}={v}" for k, v in overrides.items()])
 
 
-def run_launcher(workdir: str, phases: str, overrides: dict, log_path: str, timeout_s: float = 3600.0):
+def run_launcher(workdir: str, stages: str, overrides: dict, log_path: str, timeout_s: float = 3600.0):
     """(exit code, seconds, command); the job's output goes to log_path."""
-    cmd = launcher_cmd(workdir, phases, overrides)
+    cmd = launcher_cmd(workdir, stages, overrides)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         try:
@@ -246,8 +246,8 @@ def llm_overrides(base_url: str, model: str, *, max_tokens: int, attempts: int, 
 
 
 def copy_baseline(src: str, dst: str) -> None:
-    """The baseline phase's outputs, so that a second run's Loop 1 starts from the same evaluation."""
-    for rel in (("eval", "baseline"), ("phases", "baseline")):
+    """The baseline stage's outputs, so that a second run's Loop 1 starts from the same evaluation."""
+    for rel in (("eval", "baseline"), ("stages", "baseline")):
         shutil.copytree(os.path.join(src, *rel), os.path.join(dst, *rel))
     os.makedirs(os.path.join(dst, "structures"), exist_ok=True)
     shutil.copy(os.path.join(src, "structures", "v0.yaml"), os.path.join(dst, "structures", "v0.yaml"))
@@ -268,7 +268,7 @@ def read_json(path: str):
 
 
 def loop1_seconds(workdir: str) -> float:
-    return float((read_json(os.path.join(workdir, "phases", "loop1", "result.json")) or {}).get("seconds", 0.0))
+    return float((read_json(os.path.join(workdir, "stages", "loop1", "result.json")) or {}).get("seconds", 0.0))
 
 
 def counts(rows: list[dict]) -> tuple[int, int, int]:
@@ -372,9 +372,9 @@ def main() -> int:
     print(f"(server stopped; its log: {os.path.join(root, 'server.log')})")
     print_archive("real LLM critic archive", llm_dir)
     for ph in ("baseline", "loop1"):
-        res = read_json(os.path.join(llm_dir, "phases", ph, "result.json"))
+        res = read_json(os.path.join(llm_dir, "stages", ph, "result.json"))
         if res:
-            print(f"  phase {ph}: {res.get('seconds', 0):.1f} s")
+            print(f"  stage {ph}: {res.get('seconds', 0):.1f} s")
 
     heur_s = None
     if not args.no_peer and rc == 0:
@@ -390,10 +390,10 @@ def main() -> int:
     lc, lv, la = counts(read_archive(llm_dir))
     print("\n== ratio (same baseline, same run)")
     print(f"valid proposals: real LLM {lv}/{lc} (accepted {la}; {n_docs}/{n_requests} replies held a schema-valid "
-          f"document; loop1 phase {loop1_seconds(llm_dir):.1f} s)")
+          f"document; loop1 stage {loop1_seconds(llm_dir):.1f} s)")
     if heur_s is not None:
         hc, hv, ha = counts(read_archive(heur_dir))
-        print(f"                 heuristic {hv}/{hc} (accepted {ha}; loop1 phase {loop1_seconds(heur_dir):.1f} s, "
+        print(f"                 heuristic {hv}/{hc} (accepted {ha}; loop1 stage {loop1_seconds(heur_dir):.1f} s, "
               f"its candidate's evaluation included)")
     print(f"total wall time {time.perf_counter() - t_all:.1f} s")
     return 0 if rc == 0 else 1

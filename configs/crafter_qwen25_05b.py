@@ -61,22 +61,22 @@ already follows the op grammar (`<|READ|>file<|END|>`, `<|ACTION|>...<|END|>`); 
 `eval/baseline/summary.json` (ops per step, fallback-action rate) after the baseline. It is wrong
 for a model that does not: Qwen2.5-Coder-0.5B-Instruct was measured at 0 of 12 LOG/PLAN phases
 parsable, so every step ends on the fallback action and Loop 2 finds no memory turn to mine. With
-`--config.bootstrap.enabled=True`, the `bootstrap` phase first has the scripted teacher
+`--config.bootstrap.enabled=True`, the `bootstrap` stage first has the scripted teacher
 (automem_jax/loops/teacher.py) play 32 Crafter episodes of 100 steps through the real prompts,
 renders its LOG/PLAN chats with the checkpoint's own chat template, and fine-tunes the checkpoint
 on its turns: LoRA (rank 64 on every projection, one epoch, merged into bootstrap/model, a plain
 HF folder with the checkpoint's tokenizer), or full with `--config.bootstrap.train.mode=full` (then
 also `--config.model.param_dtype=float32`: bf16 weights lose AdamW's small updates; a 0.5B model's
-f32 weights and optimizer state take ~6 GiB). Every later phase plays bootstrap/model. The teacher
+f32 weights and optimizer state take ~6 GiB). Every later stage plays bootstrap/model. The teacher
 keeps some of its bad habits (redundant writes, useless reads) so Loop 2 has something to remove.
-Use a fresh workdir when switching the bootstrap on: a workdir whose bootstrap phase ran disabled
+Use a fresh workdir when switching the bootstrap on: a workdir whose bootstrap stage ran disabled
 has it recorded as done.
 """
 
 import os
 
 from configs import crafter_qwen25_32b as pod
-from configs.tiny import ALL_PHASES, data_config, train_config
+from configs.tiny import ALL_STAGES, data_config, train_config
 
 TARGET_DEVICES = 1  # one GPU; fsdp=-1 and inference.mesh.data=-1 resolve to 1
 
@@ -96,7 +96,7 @@ def get_config():
     c.mesh.multi_host = False
 
     # bootstrap runs only with bootstrap.enabled (it is skipped otherwise), so one flag turns it on.
-    c.phases = ALL_PHASES
+    c.stages = ALL_STAGES
 
     c.env.name = "crafter"  # the original game, as upstream and the 7B/32B configs
     c.env.structure_name = "crafter"

@@ -21,7 +21,7 @@ TARGET_DEVICES = 32
 CHECKPOINT = "gs://YOUR_BUCKET/models/Qwen2.5-32B-Instruct"
 
 # No bootstrap: a 32B instruct model already writes ops (configs/crafter_qwen25_05b.py shows the warm start).
-POD_PHASES = "baseline,loop1,collect,loop2,final_eval,export,report"
+POD_STAGES = "baseline,loop1,collect,loop2,final_eval,export,report"
 
 
 def loop2_train(**overrides):
@@ -64,7 +64,7 @@ def get_config():
     # Qwen2.5's own tokenizer and chat template (its default system prompt is part of upstream's prompts).
     c.tokenizer = CHECKPOINT
 
-    c.phases = POD_PHASES
+    c.stages = POD_STAGES
 
     c.env.name = "crafter"  # the original game, as upstream (craftax: same text, JAX world, not the same maps)
     c.env.structure_name = "crafter"  # memory/defaults/crafter.yaml
@@ -90,7 +90,7 @@ def get_config():
     c.eval.seeds = "42-51"  # upstream: 10 Crafter episodes on fixed seeds 42..51
     c.eval.heldout_seeds = "52-61"  # report-only seeds, disjoint from eval (42-51) and collect (>= 1000)
 
-    c.bootstrap.enabled = False  # see POD_PHASES
+    c.bootstrap.enabled = False  # see POD_STAGES
 
     # The critic: any OpenAI-compatible chat endpoint (OpenAI, vLLM, Anthropic's or Gemini's
     # OpenAI-compatibility endpoints). Set base_url/model on the command line; the key is read

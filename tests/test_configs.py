@@ -104,7 +104,7 @@ def test_protocol(name):
     assert c.env.feedback_on_invalid_action is True and c.env.extra_commands == "" and c.env.text_style == "balrog"
     assert c.env.max_steps == c.collect.max_steps == {"crafter": 2000, "minihack": 100, "nethack": 100000}[family]
     assert c.critic.kind == "openai" and c.critic.api_key_env == "OPENAI_API_KEY"
-    assert not c.bootstrap.enabled and "bootstrap" not in c.phases.split(",")
+    assert not c.bootstrap.enabled and "bootstrap" not in c.stages.split(",")
     assert c.model.dtype == c.model.param_dtype == c.export.dtype == "bfloat16"
     assert c.model.scan_layers and c.model.remat in ("full", "save_dots")
     assert c.tokenizer == c.model.checkpoint and c.model.checkpoint.endswith(
@@ -150,7 +150,7 @@ def test_launcher_accepts_config(name, monkeypatch):
     c.model.checkpoint = ""  # the placeholder bucket cannot be read here; validate the preset shapes instead
     c.critic.base_url = "https://critic.example.com/v1"
     c.critic.model = "some-model"
-    tpu_run.validate_config(c, c.phases.split(","))
+    tpu_run.validate_config(c, c.stages.split(","))
 
 
 # --- serving layout: per-chip memory of the inference engine ------------------------------------
@@ -267,10 +267,10 @@ def test_bad_inference_fields_are_named_before_anything_runs(field, value, msg):
     sec, _, key = field.rpartition(".")
     (c.inference[sec] if sec else c.inference)[key] = value
     if msg is None:
-        tpu_run.validate_config(c, c.phases.split(","))
+        tpu_run.validate_config(c, c.stages.split(","))
         return
     with pytest.raises(app.UsageError, match=msg.replace("(", r"\(").replace(")", r"\)")):
-        tpu_run.validate_config(c, c.phases.split(","))
+        tpu_run.validate_config(c, c.stages.split(","))
 
 
 def test_both_serving_axes_free_and_unknown_axis_are_errors():
@@ -280,11 +280,11 @@ def test_both_serving_axes_free_and_unknown_axis_are_errors():
     c = importlib.import_module("configs.tiny").get_config()
     c.inference.mesh.tensor = -1
     with pytest.raises(app.UsageError, match="at most one of data, tensor"):
-        tpu_run.validate_config(c, c.phases.split(","))
+        tpu_run.validate_config(c, c.stages.split(","))
     c = importlib.import_module("configs.tiny").get_config()
     c.inference.mesh.fsdp = 2
     with pytest.raises(app.UsageError, match="unknown axis"):
-        tpu_run.validate_config(c, c.phases.split(","))
+        tpu_run.validate_config(c, c.stages.split(","))
 
 
 def test_launcher_checks_serving_memory(monkeypatch):
@@ -296,10 +296,10 @@ def test_launcher_checks_serving_memory(monkeypatch):
     _, c = _load("crafter_qwen25_32b")
     c.model.checkpoint = ""
     c.critic.base_url, c.critic.model = "https://critic.example.com/v1", "some-model"
-    tpu_run.validate_config(c, c.phases.split(","))
+    tpu_run.validate_config(c, c.stages.split(","))
     c.inference.cache_tokens = 0  # max_batch x max_len = 2M tokens: 128 GiB of KV per chip
     with pytest.raises(app.UsageError, match=r"kv_pool .* > 0.9 x 95.00 GiB"):
-        tpu_run.validate_config(c, c.phases.split(","))
+        tpu_run.validate_config(c, c.stages.split(","))
 
 
 @pytest.mark.parametrize("flag,msg", [
@@ -344,7 +344,7 @@ def test_05b_runs_the_real_protocol(monkeypatch):
     assert c.collect.policy == "base" and c.critic.kind == "openai" and c.loop2.judge == "critic"
     assert (c.critic.base_url, c.critic.model) == (PLACEHOLDER_URL, PLACEHOLDER_MODEL)
     # Bootstrap off by default, and --config.bootstrap.enabled=True alone turns it on.
-    assert not c.bootstrap.enabled and "bootstrap" in c.phases.split(",")
+    assert not c.bootstrap.enabled and "bootstrap" in c.stages.split(",")
     assert c.bootstrap.train.mode == "lora" and c.bootstrap.tokenizer_vocab == 0
     boot = set(_parse_seeds(c.bootstrap.seeds))
     assert not boot & set(_parse_seeds(c.eval.seeds)) and max(boot) < 1000  # collect seeds are >= 1000
@@ -381,20 +381,20 @@ def test_05b_placeholders_are_refused_then_accepted(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
     _, c = _load_05b(monkeypatch)
     c.model.checkpoint = ""  # the preset's shapes and the offline Qwen3 tokenizer: no packaged weights needed
-    phases = c.phases.split(",")
+    stages = c.stages.split(",")
     with pytest.raises(app.UsageError, match=r"critic\.base_url 'https://YOUR_CRITIC_ENDPOINT/v1' is a placeholder; "
                                              r"pass --config\.critic\.base_url=\.\.\."):
-        tpu_run.validate_config(c, phases)
+        tpu_run.validate_config(c, stages)
     c.critic.base_url = "http://127.0.0.1:8001/v1"
     with pytest.raises(app.UsageError, match=r"critic\.model 'YOUR_CRITIC_MODEL' is a placeholder"):
-        tpu_run.validate_config(c, phases)
+        tpu_run.validate_config(c, stages)
     c.critic.model = "critic"
-    tpu_run.validate_config(c, phases)
+    tpu_run.validate_config(c, stages)
     # A local server without auth (the docstring's command): no key variable at all.
     c.critic.api_key_env = ""
     monkeypatch.delenv("OPENAI_API_KEY")
-    tpu_run.validate_config(c, phases)
-    # Phases without the critic do not need it filled in.
+    tpu_run.validate_config(c, stages)
+    # Stages without the critic do not need it filled in.
     _, c = _load_05b(monkeypatch)
     c.model.checkpoint = ""
     tpu_run.validate_config(c, ["bootstrap", "baseline"])
@@ -423,9 +423,9 @@ def test_05b_bootstrap_with_a_checkpoint_validates(random_checkpoint, monkeypatc
     assert model_cfg.hidden_size == 64 and model_cfg.vocab_size == 151936
 
 
-@pytest.mark.slow  # ~80 s: two subprocess phases, a LoRA fit and an engine on CPU
+@pytest.mark.slow  # ~80 s: two subprocess stages, a LoRA fit and an engine on CPU
 def test_05b_bootstrap_warm_starts_the_checkpoint(random_checkpoint, tmp_path):
-    """`--phases=bootstrap,baseline` with model.checkpoint: teacher traces in the checkpoint's chat
+    """`--stages=bootstrap,baseline` with model.checkpoint: teacher traces in the checkpoint's chat
     template, LoRA merged into bootstrap/model (a HF folder with the checkpoint's vocabulary, no
     domain tokenizer), and the baseline plays that folder."""
     import json
@@ -452,7 +452,7 @@ def test_05b_bootstrap_warm_starts_the_checkpoint(random_checkpoint, tmp_path):
     for var in ("AUTOMEM_CRITIC_BASE_URL", "AUTOMEM_CRITIC_MODEL"):
         env.pop(var, None)
     r = subprocess.run([sys.executable, "-m", "launch.tpu_run", f"--config=configs/{SMALL_05B}.py",
-                        f"--workdir={wd}", "--phases=bootstrap,baseline", *flags],
+                        f"--workdir={wd}", "--stages=bootstrap,baseline", *flags],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
 
@@ -486,7 +486,7 @@ def test_05b_bootstrap_warm_starts_the_checkpoint(random_checkpoint, tmp_path):
 def test_env_switches_reach_the_runner(tiny_flat):
     from types import SimpleNamespace
 
-    from launch.phases import Run
+    from launch.run import Run
     assert tiny_flat["env.feedback_on_invalid_action"] is True and tiny_flat["env.extra_commands"] == ""
     cfg = importlib.import_module("configs.tiny").get_config()
     run = SimpleNamespace(cfg=cfg)

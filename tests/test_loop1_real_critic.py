@@ -80,8 +80,8 @@ def test_loop1_with_the_packaged_model_as_critic(tmp_path):
 
     # The loop's decision, either way.
     best = json.load(open(os.path.join(workdir, "structures", "best.json")))
-    result = json.load(open(os.path.join(workdir, "phases", "loop1", "result.json")))
-    assert os.path.isfile(os.path.join(workdir, "phases", "loop1", "DONE")) and result["candidates"] == 2
+    result = json.load(open(os.path.join(workdir, "stages", "loop1", "result.json")))
+    assert os.path.isfile(os.path.join(workdir, "stages", "loop1", "DONE")) and result["candidates"] == 2
     if row["status"] == "invalid":
         assert len(rounds) == 2 and row["feedback_rounds"] == 1  # fed back once, then archived
         assert row["error"] == rounds[-1]["error"] == row["invalid_errors"][-1]

@@ -1,5 +1,5 @@
 """The README's main command (`python -m launch.tpu_run`): config errors, and SMALL, the shrunk tiny
-config the end-to-end tests share. Every phase end to end on one process with a gs:// workdir and
+config the end-to-end tests share. Every stage end to end on one process with a gs:// workdir and
 on two processes, killed in the middle of Loop 2 and resumed: tests/test_multihost_job.py."""
 
 import os
@@ -9,7 +9,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The tiny config, smaller still: the same phases and code paths, fewer episodes and steps.
+# The tiny config, smaller still: the same stages and code paths, fewer episodes and steps.
 SMALL = [
     # Two short teacher episodes and a short fit: the student's skill is not under test (collect
     # plays the scripted teacher, so Loop 2 has turns to mine either way).
@@ -44,8 +44,8 @@ def test_config_errors_name_the_problem(tmp_path):
     r = subprocess.run([sys.executable, "-m", "launch.tpu_run", "--config=configs/no_such_config.py",
                         f"--workdir={wd}"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no_such_config.py" in r.stderr
-    r = _run(f"--workdir={wd}", "--phases=baseline,warp_drive")
-    assert r.returncode != 0 and "unknown phase(s) ['warp_drive']" in r.stderr + r.stdout
+    r = _run(f"--workdir={wd}", "--stages=baseline,warp_drive")
+    assert r.returncode != 0 and "unknown stage(s) ['warp_drive']" in r.stderr + r.stdout
     r = _run(f"--workdir={wd}", "--config.model.preset=qwen9")
     assert r.returncode != 0 and "known presets" in r.stderr + r.stdout
     r = _run(f"--workdir={wd}", "--config.env.name=pong")

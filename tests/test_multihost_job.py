@@ -2,7 +2,7 @@
 
 Both processes run `python -m launch.tpu_run` with `jax.distributed` (coordinator on 127.0.0.1,
 gloo collectives). The reference is the same config as one process over 4 CPU devices, with its
-workdir on gs:// (the GCS emulator), so it is also the end-to-end run of every phase on GCS. A scripted
+workdir on gs:// (the GCS emulator), so it is also the end-to-end run of every stage on GCS. A scripted
 HTTP critic answers Loop 1's proposal and Loop 2's judge batches for both runs, and counts them.
 The 2-process run loses process 1 (SIGKILL) in the middle of Loop 2's training; both commands are
 run again and must resume from the same checkpoint step and finish. Then: both exit 0; the
@@ -154,7 +154,7 @@ def test_two_process_main_job_matches_one_process_and_survives_losing_a_host(tmp
         first = open(logs[0]).read()
         assert os.path.exists(ckpt), first[-4000:]
         assert codes[0] != 0, "process 0 finished although process 1 was killed"
-        assert not os.path.exists(os.path.join(wd, "phases", "loop2", "DONE"))
+        assert not os.path.exists(os.path.join(wd, "stages", "loop2", "DONE"))
         dataset_done = os.path.getmtime(os.path.join(wd, "datasets", "0", "DONE"))
         marks = [len(open(p).read()) for p in logs]
 
@@ -167,7 +167,7 @@ def test_two_process_main_job_matches_one_process_and_survives_losing_a_host(tmp
 
     for out in again:
         for name in ("bootstrap", "baseline", "loop1", "collect"):
-            assert f"phase {name}: already done" in out
+            assert f"stage {name}: already done" in out
     # Both hosts resumed Loop 2's training from the same step (process 0 chose it for both).
     resumed = [re.findall(r"resumed from step (\d+)", a) for a in again]
     assert resumed[0] and resumed[0] == resumed[1], resumed
@@ -187,8 +187,8 @@ def test_two_process_main_job_matches_one_process_and_survives_losing_a_host(tmp
     for path in (("structures", "archive.jsonl"), ("ledger.jsonl",)):
         a, b = (_jsonl(storage.join(d, *path)) for d in (ref, wd))
         assert len(b) == len(a) and _stable(b, wd) == _stable(a, ref, approx=True), path
-    for phase in ("bootstrap", "baseline", "loop1", "collect", "loop2", "final_eval", "export", "report"):
-        assert os.path.exists(os.path.join(wd, "phases", phase, "DONE")), phase
+    for stage in ("bootstrap", "baseline", "loop1", "collect", "loop2", "final_eval", "export", "report"):
+        assert os.path.exists(os.path.join(wd, "stages", stage, "DONE")), stage
     assert not [n for _, _, files in os.walk(wd) for n in files if n.startswith(".tmp-")]
     _check_artifacts(ref, str(tmp_path / "export"))
 
@@ -200,8 +200,8 @@ def _check_artifacts(wd: str, local: str) -> None:
 
     def exists(*parts):
         return storage.exists(storage.join(wd, *parts))
-    for phase in ("bootstrap", "baseline", "loop1", "collect", "loop2", "final_eval", "export", "report"):
-        assert exists("phases", phase, "DONE"), phase
+    for stage in ("bootstrap", "baseline", "loop1", "collect", "loop2", "final_eval", "export", "report"):
+        assert exists("stages", stage, "DONE"), stage
     for path in ("config.json", "bootstrap/tokenizer/tokenizer.json", "traces_collect/traces/craftax/Craftax-Classic/"
                  "ep_0.jsonl", "datasets/0/selected.jsonl", "datasets/0/review_decisions.jsonl",
                  "export/hf/config.json", "export/hf/model.safetensors", "export/hf/tokenizer.json",

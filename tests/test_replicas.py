@@ -119,7 +119,7 @@ SMALL = [
     "--config.inference.max_tokens=48", "--config.inference.max_batch=4", "--config.inference.max_len=1536",
     "--config.collect.episodes=3", "--config.collect.max_steps=4",
     "--config.loop2.min_examples=1", "--config.loop2.train.max_steps=4", "--config.loop2.train.batch_size=4",
-    "--phases=bootstrap,baseline,collect,loop2,final_eval",
+    "--stages=bootstrap,baseline,collect,loop2,final_eval",
     "--config.inference.backend=server", "--config.inference.server.replicas=2",
     "--config.inference.server.base_port=0", "--config.inference.server.health_timeout_s=600",
 ]
@@ -152,8 +152,8 @@ def test_main_job_through_two_replicas_one_killed_mid_evaluation(tmp_path):
     assert killed is not None, text[-4000:]
     assert proc.returncode == 0, text[-4000:]
     assert "restart 1 of" in text, text[-4000:]
-    for phase in ("bootstrap", "baseline", "collect", "loop2", "final_eval"):
-        assert os.path.exists(os.path.join(wd, "phases", phase, "DONE")), phase
+    for stage in ("bootstrap", "baseline", "collect", "loop2", "final_eval"):
+        assert os.path.exists(os.path.join(wd, "stages", stage, "DONE")), stage
 
     # Baseline and the two-model evaluation ran through the replicas: their traces name the served models.
     def episodes(run_dir):
@@ -208,7 +208,7 @@ def test_two_hosts_each_start_a_replica_and_process_0_plays_over_both(tmp_path):
             "--config.env.num_envs=2", "--config.inference.max_tokens=16", "--config.inference.max_batch=4",
             "--config.inference.max_len=2048", "--config.collect.episodes=2", "--config.collect.max_steps=3",
             "--config.loop2.min_examples=1", "--config.loop2.train.max_steps=2",
-            "--config.loop2.train.batch_size=2", "--phases=baseline,collect,loop2",
+            "--config.loop2.train.batch_size=2", "--stages=baseline,collect,loop2",
             "--config.inference.backend=server", "--config.inference.server.base_port=0",
             f"--config.inference.server.log_dir={logs}", "--config.mesh.multi_host=True",
             "--config.mesh.num_processes=2"]

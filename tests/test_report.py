@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from automem_jax import report, storage
+from automem_jax.report import run_setup
 from automem_jax.rollout.traces import health_stats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,7 +42,7 @@ def _full_workdir(root):
                                  "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
                                  "env": {"name": "craftax", "max_steps": 24}, "eval": {"seeds": "42-45"},
                                  "critic": {"kind": "heuristic"}, "report": {"plots": True},
-                                 "phases": "bootstrap,baseline,loop1,loop2,final_eval,report"})
+                                 "stages": "bootstrap,baseline,loop1,loop2,final_eval,report"})
     _write(root, "eval/baseline/summary.json", _summary(10.0, 2.0, 0.40, 0.30, 1.5, 800, 0.05))
     _write(root, "eval/final/summary.json", _summary(22.5, 3.0, 0.10, 0.20, 1.2, 600, 0.02))
     _write(root, "structures/archive.jsonl", [
@@ -73,17 +74,17 @@ def _full_workdir(root):
             "tokens_per_s": 50.0, "seconds": 2.0} for i in range(5)]
     _write(root, "bootstrap/train/train_log.jsonl", log)
     _write(root, "loop2/0/train/train_log.jsonl", log[:3])
-    _write(root, "phases/baseline/result.json", {"tokens_in": 5000, "tokens_out": 900, "seconds": 12.0})
-    _write(root, "phases/baseline/DONE", "2026-01-01T00:00:00Z\n")
-    _write(root, "phases/loop1/result.json", {"tokens_in": 20000, "tokens_out": 4000, "seconds": 60.0})
-    _write(root, "phases/loop1/DONE", "2026-01-01T01:00:00Z\n")
+    _write(root, "stages/baseline/result.json", {"tokens_in": 5000, "tokens_out": 900, "seconds": 12.0})
+    _write(root, "stages/baseline/DONE", "2026-01-01T00:00:00Z\n")
+    _write(root, "stages/loop1/result.json", {"tokens_in": 20000, "tokens_out": 4000, "seconds": 60.0})
+    _write(root, "stages/loop1/DONE", "2026-01-01T01:00:00Z\n")
 
 
 def _check_full(root, index_path):
     assert index_path == storage.join(root, "report", "index.md")
     text = storage.read_text(index_path)
     for heading in ("# AutoMem run report", "## Final system against the baseline", "## Loop 1",
-                    "## Loop 2", "## Memory hygiene", "## Training loss", "## Phases", "## Tokens per phase"):
+                    "## Loop 2", "## Memory hygiene", "## Training loss", "## Stages", "## Tokens per stage"):
         assert heading in text, heading
     # Final table: the baseline and final numbers and their changes.
     assert "| progression % ± SE | 10.00 ± 2.00 | 22.50 ± 3.00 | +12.50 (+125%) |" in text
@@ -252,7 +253,7 @@ TINY_TEACHER_CONFIG = {
     "bootstrap": {"enabled": True, "seeds": "100-115", "max_steps": 24, "redundant_write_rate": 0.7,
                   "useless_read_rate": 0.2, "train": {"mode": "full", "epochs": 6.0, "max_steps": 0}},
     "collect": {"policy": "teacher", "episodes": 48}, "loop2": {"judge": "critic"},
-    "phases": "bootstrap,baseline,loop1,collect,loop2,final_eval,export,report",
+    "stages": "bootstrap,baseline,loop1,collect,loop2,final_eval,export,report",
 }
 
 
@@ -270,9 +271,9 @@ def test_teacher_demo_says_what_it_is(tmp_path):
     _write(root, "eval/final/summary.json", _summary(0.0, 0.0, 0.05, 0.30, 1.0, 400, 0.0))
     _write(root, "ledger.jsonl", [{"iteration": 0, "n_examples": 30, "progression_mean": 0.0,
                                    "progression_se": 0.0, "hygiene": {"redundant_write_rate": 0.05}}])
-    _write(root, "phases/bootstrap/result.json", {"examples": 300, "train": {"steps": 42, "first_loss": 7.0}})
-    _write(root, "phases/collect/result.json", {"policy": "teacher", "episodes": 48})
-    _write(root, "phases/final_eval/result.json", {"iteration": 0})
+    _write(root, "stages/bootstrap/result.json", {"examples": 300, "train": {"steps": 42, "first_loss": 7.0}})
+    _write(root, "stages/collect/result.json", {"policy": "teacher", "episodes": 48})
+    _write(root, "stages/final_eval/result.json", {"iteration": 0})
     text = storage.read_text(report.build_report(root, plots=False))
 
     setup = text.split("## Run setup\n\n", 1)[1].split("\n## ", 1)[0]
@@ -293,7 +294,7 @@ def test_teacher_demo_says_what_it_is(tmp_path):
         "- **max steps / episode**: 8",
         "- **dtype / param dtype**: float32 / float32",
         "- **mesh**: not recorded",
-        "- **phases**: bootstrap,baseline,loop1,collect,loop2,final_eval,export,report",
+        "- **stages**: bootstrap,baseline,loop1,collect,loop2,final_eval,export,report",
     ]
     assert setup.splitlines()[15] == ("⚠ This run is the scripted-teacher demonstration (`collect.policy=teacher`): "
                                       "read the note under the result before any redundant-write figure.")
@@ -327,7 +328,7 @@ def test_teacher_collect_without_a_loop2_iteration(tmp_path):
     _write(root, "config.json", TINY_TEACHER_CONFIG)
     _write(root, "eval/baseline/summary.json", _summary(1.0, 0.5, 0.70, 0.30, 2.0, 500, 0.0))
     _write(root, "eval/final/summary.json", _summary(1.0, 0.5, 0.70, 0.30, 2.0, 500, 0.0))
-    _write(root, "phases/final_eval/result.json", {"iteration": None})
+    _write(root, "stages/final_eval/result.json", {"iteration": None})
     final = _final_section(storage.read_text(report.build_report(root, plots=False)))
     assert "progression did not change, 1.00 ± 0.50% → 1.00 ± 0.50% (+0.00 points;" in final
     assert ("> ⚠ **Scripted-teacher demonstration.** `collect.policy=teacher`, but no Loop-2 iteration was trained, "
@@ -367,11 +368,11 @@ def test_base_policy_run_has_no_teacher_note(tmp_path):
     assert not any(line.startswith(">") for line in final.splitlines())
     assert "progression rose, 12.00 ± 1.00% → 15.00 ± 1.00% (+3.00 points;" in final
     assert "Baseline: `eval/final_baseline`." in final
-    assert "Final system: not recorded (no `phases/final_eval/result.json`)." in final
+    assert "Final system: not recorded (no `stages/final_eval/result.json`)." in final
 
 
 def test_old_config_renders_not_recorded(tmp_path):
-    """A config.json written before these fields existed still renders; the collect phase's own record
+    """A config.json written before these fields existed still renders; the collect stage's own record
     of its policy stands in for the config's."""
     root = str(tmp_path / "run")
     _write(root, "config.json", {"model": {"preset": "tiny"}, "eval": {"seeds": "42-45"}})
@@ -379,19 +380,19 @@ def test_old_config_renders_not_recorded(tmp_path):
     _write(root, "eval/final/summary.json", _summary(4.0, 1.0, 0.2, 0.3, 1.5, 800, 0.05))
     text = storage.read_text(report.build_report(root, plots=False))
     for field in ("base policy", "collect.policy (Loop-2 training traces)", "Loop-1 critic", "Loop-2 judge",
-                  "bootstrap", "final-eval seeds", "environment", "max steps / episode", "mesh", "phases"):
+                  "bootstrap", "final-eval seeds", "environment", "max steps / episode", "mesh", "stages"):
         assert f"- **{field}**: not recorded" in text, field
     assert "- **model**: preset `tiny` (model.checkpoint not recorded)" in text
     assert "- **dtype / param dtype**: not recorded / not recorded" in text
     assert "progression fell, 5.00 ± 1.00% → 4.00 ± 1.00% (-1.00 points;" in text
     assert "> `collect.policy` not recorded: whether Loop 2 trained" in text
 
-    _write(root, "phases/collect/result.json", {"policy": "teacher"})
+    _write(root, "stages/collect/result.json", {"policy": "teacher"})
     _write(root, "ledger.jsonl", [{"iteration": 0}])
     text = storage.read_text(report.build_report(root, plots=False))
     assert ("- **collect.policy (Loop-2 training traces)**: `teacher`: the scripted teacher "
             "(automem_jax/loops/teacher.py), not the base policy, played the traces Loop 2 mines "
-            "(from phases/collect/result.json)") in text
+            "(from stages/collect/result.json)") in text
     assert "`bootstrap.redundant_write_rate=not recorded`" in text
     assert "filters exactly those turns out (Loop 2's judge rejects such turns)" in text
     assert "is not evidence that the method works" in text
@@ -434,10 +435,10 @@ def test_odd_config_values_do_not_break_the_report(tmp_path, monkeypatch):
     assert "- **Loop-2 judge**: `3`" in text and "- **mesh**: not recorded" in text
     assert "configured length not recorded" in text
     # Even a failure inside the set-up block leaves the rest of the report.
-    monkeypatch.setattr(report, "_bootstrap_desc", lambda *a: 1 / 0)
+    monkeypatch.setattr(run_setup, "_bootstrap_desc", lambda *a: 1 / 0)
     text = storage.read_text(report.build_report(root, plots=False))
     assert "_Run setup failed: ZeroDivisionError: division by zero._" in text
-    assert "## Final system against the baseline" in text and "## Phases" in text
+    assert "## Final system against the baseline" in text and "## Stages" in text
 
 
 def test_heldout_seeds_are_reported_beside_the_choosing_seeds(tmp_path):
@@ -447,7 +448,7 @@ def test_heldout_seeds_are_reported_beside_the_choosing_seeds(tmp_path):
     cfg["eval"] = {"seeds": "42-45", "heldout_seeds": "52-55"}
     cfg["final_eval"] = {"seeds": ""}
     _write(root, "config.json", cfg)
-    _write(root, "phases/final_eval/result.json", {"iteration": 1, "chosen_on": "eval.seeds"})
+    _write(root, "stages/final_eval/result.json", {"iteration": 1, "chosen_on": "eval.seeds"})
     _write(root, "eval/baseline_heldout/summary.json", _summary(11.0, 1.0, 0.40, 0.30, 1.5, 800, 0.05))
     _write(root, "eval/final_heldout/summary.json", _summary(10.0, 1.5, 0.12, 0.20, 1.2, 600, 0.02))
     ledger = [json.loads(x) for x in storage.read_text(storage.join(root, "ledger.jsonl")).splitlines()]

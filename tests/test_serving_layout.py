@@ -214,12 +214,12 @@ def test_serving_mesh_from_config():
 # --- the main job's engine ---------------------------------------------------------------------
 
 def test_run_engine_serves_on_the_inference_mesh(tmp_path):
-    """launch.phases.Run.engine(): the tiny config's engine on inference.mesh (data 4 x tensor 2),
+    """launch.run.Run.engine(): the tiny config's engine on inference.mesh (data 4 x tensor 2),
     over the training mesh's devices, with the paging knobs passed through."""
     import importlib
 
     from automem_jax.agent.types import ChatRequest
-    from launch.phases import Run
+    from launch.run import Run
     cfg = importlib.import_module("configs.tiny").get_config()
     cfg.bootstrap.enabled = False  # the random preset: no teacher, no trained tokenizer
     cfg.inference.mesh.tensor = 2  # tiny: 4 heads, 2 KV heads
@@ -250,7 +250,7 @@ def test_run_sampling_defaults_follow_generation_config(tmp_path):
     import importlib
     import json
 
-    from launch.phases import Run
+    from launch.run import Run
     base, spec = tmp_path / "base", tmp_path / "specialist"
     base.mkdir()
     spec.mkdir()

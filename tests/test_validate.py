@@ -55,9 +55,9 @@ def test_max_len_message_gives_both_numbers():
     c.inference.max_len = 300
     with pytest.raises(app.UsageError, match=r"inference\.max_len 300 is too short: .* at least (\d+) tokens "
                                              r"\(empty observation and memory\) \+ inference\.max_tokens 160 = \d+"):
-        tpu_run.validate_config(c, c.phases.split(","))
+        tpu_run.validate_config(c, c.stages.split(","))
     c.inference.max_len = 2048  # the default fits
-    tpu_run.validate_config(c, c.phases.split(","))
+    tpu_run.validate_config(c, c.stages.split(","))
 
 
 def test_tokenizer_placeholder_defaults_to_the_checkpoint():
@@ -89,16 +89,16 @@ def test_validation_reads_the_defaulted_tokenizer(tmp_path, monkeypatch):
     c = importlib.import_module("configs.crafter_qwen25_32b").get_config()
     c.model.checkpoint = str(ckpt)
     c.critic.base_url, c.critic.model = "https://critic.example.com/v1", "some-model"
-    phases = c.phases.split(",")
+    stages = c.stages.split(",")
     with pytest.raises(app.UsageError, match="tokenizer .defaulting to model.checkpoint. '.*ckpt': holds no tokenizer"):
-        tpu_run.validate_config(c, phases)
+        tpu_run.validate_config(c, stages)
     for name in os.listdir(default_tokenizer_dir()):
         shutil.copy(os.path.join(default_tokenizer_dir(), name), ckpt / name)
-    tpu_run.validate_config(c, phases)
+    tpu_run.validate_config(c, stages)
     # A model whose embedding is smaller than the tokenizer's vocabulary.
     (ckpt / "config.json").write_text(json.dumps({**qwen.preset("qwen2.5-32b").to_hf(), "vocab_size": 512}))
     with pytest.raises(app.UsageError, match="tokens, more than the model's vocab_size 512"):
-        tpu_run.validate_config(c, phases)
+        tpu_run.validate_config(c, stages)
 
 
 def test_placeholder_critic_is_refused():
@@ -108,13 +108,13 @@ def test_placeholder_critic_is_refused():
     c = importlib.import_module("configs.crafter_qwen25_32b").get_config()
     c.model.checkpoint = ""
     with pytest.raises(app.UsageError, match="critic.base_url 'https://YOUR_CRITIC_ENDPOINT/v1' is a placeholder"):
-        tpu_run.validate_config(c, c.phases.split(","))
+        tpu_run.validate_config(c, c.stages.split(","))
 
 
 def test_heldout_seeds_and_loop2_choices_are_checked_before_anything_runs():
     from absl import app
 
-    from launch import phases as ph
+    from launch import config as ph
     from launch import tpu_run
 
     def bad(match, **sets):
@@ -123,7 +123,7 @@ def test_heldout_seeds_and_loop2_choices_are_checked_before_anything_runs():
             sec, key = dotted.split("__")
             c[sec][key] = value
         with pytest.raises(app.UsageError, match=match):
-            tpu_run.validate_config(c, c.phases.split(","))
+            tpu_run.validate_config(c, c.stages.split(","))
 
     c = importlib.import_module("configs.tiny").get_config()
     first_collect = ph.collect_seeds(c.collect.episodes, c.collect.seed_base, ph.parse_seeds(c.eval.seeds))[0]
@@ -138,15 +138,15 @@ def test_heldout_seeds_and_loop2_choices_are_checked_before_anything_runs():
     c = importlib.import_module("configs.tiny").get_config()
     c.loop2.decider.lora_ranks = "8,32"
     with pytest.raises(app.UsageError, match=r"loop2.decider.lora_ranks \[32\] exceed loop2.train.lora_rank 16"):
-        tpu_run.validate_config(c, c.phases.split(","))
+        tpu_run.validate_config(c, c.stages.split(","))
     c.loop2.decider.lora_ranks = "8"
     c.loop2.decider.lr_scales = "0,1"
     with pytest.raises(app.UsageError, match=r"loop2.decider: decider lr_scales must all be > 0"):
-        tpu_run.validate_config(c, c.phases.split(","))
+        tpu_run.validate_config(c, c.stages.split(","))
 
 
 def test_paper_configs_hold_out_seeds_disjoint_from_eval_and_collect():
-    from launch import phases as ph
+    from launch import config as ph
     for name in ("crafter_qwen25_32b", "crafter_qwen25_7b", "crafter_qwen25_05b", "minihack_qwen25_32b",
                  "nethack_qwen25_32b", "minihack_qwen25_7b", "nethack_qwen25_7b", "tiny"):
         c = importlib.import_module(f"configs.{name}").get_config()

@@ -161,7 +161,7 @@ def _mean(row: Mapping) -> float:
 
 
 def _best(history: Sequence[Mapping]) -> Mapping:
-    # Highest progression; ties go to the earlier iteration (as launch.phases.best_iteration would
+    # Highest progression; ties go to the earlier iteration (as launch.stages.best_iteration would
     # break them by hygiene, but the decider only needs a stable anchor).
     return max(reversed(list(history)), key=_mean)
 

@@ -60,7 +60,7 @@ class _Peak:
 def test_loop2_training_holds_at_most_two_model_copies(tmp_path, monkeypatch):
     from automem_jax import storage
     from automem_jax.models import hf
-    from launch.phases import Run
+    from launch.run import Run
     cfg = importlib.import_module("configs.tiny").get_config()
     cfg.bootstrap.enabled = False  # the random preset is the base
     cfg.inference.max_batch, cfg.inference.max_len = 2, 128
