@@ -186,7 +186,7 @@ class Run:
         return self.cfg.model.checkpoint
 
     def load_model(self, source: str):
-        from automem_jax.models import hf, qwen
+        from automem_jax.models import hf, qwen, qwen_config
         if source:
             return hf.load_pretrained(source, mesh=self.mesh, **self.runtime())
         overrides = {}
@@ -195,7 +195,7 @@ class Run:
             tok = self.tok
             overrides = dict(vocab_size=-(-len(tok) // 128) * 128, eos_token_id=tok.eos_token_id,
                              bos_token_id=tok.pad_token_id)
-        mcfg = qwen.preset(self.cfg.model.preset, **self.runtime(), **overrides)
+        mcfg = qwen_config.preset(self.cfg.model.preset, **self.runtime(), **overrides)
         return qwen.init_model(mcfg, seed=self.cfg.seed, mesh=self.mesh), mcfg
 
     @property
@@ -220,7 +220,7 @@ class Run:
         inf = self.cfg.inference
         out: dict = {}
         if inf.generation_config == "auto":
-            from automem_jax.llm.engine import generation_defaults
+            from automem_jax.llm.sampling import generation_defaults
             for folder in dict.fromkeys(f for f in (source, self.cfg.model.checkpoint) if f):
                 for key, value in generation_defaults(folder).items():
                     out.setdefault(key, value)
