@@ -35,7 +35,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from automem_jax.llm.engine import Engine, SamplingParams
+    from automem_jax.llm.engine import Engine
+    from automem_jax.llm.sampling import SamplingParams
     from automem_jax.models.tokenizer import load_tokenizer
 
     # A large init scale keeps greedy outputs varied, so the token comparison means something.

@@ -85,10 +85,11 @@ def load_policy(checkpoint: str, seed: int):
     """(model, model config, tokenizer, sampling defaults) of a checkpoint, for training in place."""
     from automem_jax.models.tokenizer import load_tokenizer
     if checkpoint.startswith("preset:"):
-        from automem_jax.models.qwen import init_model, preset
+        from automem_jax.models.qwen import init_model
+        from automem_jax.models.qwen_config import preset
         cfg = preset(checkpoint[len("preset:"):])
         return init_model(cfg, seed=seed), cfg, load_tokenizer(), {}
-    from automem_jax.llm.engine import generation_defaults
+    from automem_jax.llm.sampling import generation_defaults
     from automem_jax.models import hf
     model, cfg = hf.load_pretrained(checkpoint)
     return model, cfg, load_tokenizer(checkpoint), generation_defaults(checkpoint)

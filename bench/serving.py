@@ -43,9 +43,10 @@ def _timed(fn):
 def part_flat(tok, args) -> None:
     import numpy as np
 
-    from automem_jax.llm.engine import Engine, SamplingParams
-    from automem_jax.models import qwen
-    model = qwen.init_model(qwen.preset("tiny", num_layers=4, initializer_range=0.2), seed=0)
+    from automem_jax.llm.engine import Engine
+    from automem_jax.llm.sampling import SamplingParams
+    from automem_jax.models import qwen, qwen_config
+    model = qwen.init_model(qwen_config.preset("tiny", num_layers=4, initializer_range=0.2), seed=0)
     rng = np.random.RandomState(0)
     prompts = [rng.randint(0, 100000, 24).tolist() for _ in range(8)]
     params = [SamplingParams(temperature=0, max_tokens=96)] * 8
@@ -80,8 +81,8 @@ def part_prefix(tok, args) -> None:
     from automem_jax.llm.client import EngineClient
     from automem_jax.llm.engine import Engine
     from automem_jax.memory.structure import MemoryStructure
-    from automem_jax.models import qwen
-    model = qwen.init_model(qwen.preset("tiny"), seed=0)
+    from automem_jax.models import qwen, qwen_config
+    model = qwen.init_model(qwen_config.preset("tiny"), seed=0)
     engine = Engine(model, tok, max_batch=16, max_len=4096, page_size=16)
     client = EngineClient(engine, max_tokens=args.prefix_max_tokens, temperature=1.0)
     runner, wall = _rollout(client, MemoryStructure.default("crafter"), 16, args.prefix_steps, None)
@@ -95,7 +96,7 @@ def part_prefix(tok, args) -> None:
           f"prefixes only within one slot). A random model ends every phase after one turn, so only the "
           f"instruction text is shared.")
 
-    from automem_jax.llm.engine import SamplingParams
+    from automem_jax.llm.sampling import SamplingParams
     from automem_jax.loops.teacher import TeacherClient
     engine = Engine(model, tok, max_batch=16, max_len=4096, page_size=16)
     counted = {"prompt": 0, "cached": 0, "requests": 0}
@@ -142,7 +143,7 @@ def part_runner(tok, args) -> None:
     from automem_jax.llm.client import EngineClient
     from automem_jax.llm.engine import Engine
     from automem_jax.memory.structure import MemoryStructure
-    from automem_jax.models import qwen
+    from automem_jax.models import qwen, qwen_config
     from automem_jax.rollout.runner import Runner
     if "mode" not in inspect.signature(Runner).parameters:
         print("runner: skipped (this Runner has no mode)")
@@ -158,7 +159,7 @@ def part_runner(tok, args) -> None:
             p.max_tokens = int(min(args.tail_cap, args.tail_min * u ** (-1 / args.tail_alpha)))
             return p
 
-    model = qwen.init_model(qwen.preset("tiny"), seed=0)
+    model = qwen.init_model(qwen_config.preset("tiny"), seed=0)
     structure = MemoryStructure.default("crafter")
     rates = {}
     for mode in ("tick", "async"):
@@ -182,7 +183,8 @@ def part_hf(tok, args) -> None:
     import numpy as np
     import torch
 
-    from automem_jax.llm.engine import Engine, SamplingParams
+    from automem_jax.llm.engine import Engine
+    from automem_jax.llm.sampling import SamplingParams
     ref, model = model_pair(args, initializer_range=0.2)
     B, P, N = 16, 64, 64
     rng = np.random.RandomState(0)
@@ -229,9 +231,10 @@ def part_bandwidth(tok, args) -> None:
     import jax
     import numpy as np
 
-    from automem_jax.llm.engine import Engine, SamplingParams
-    from automem_jax.models import qwen
-    cfg = qwen.preset(args.bw_preset, dtype=args.bw_dtype, param_dtype=args.bw_dtype)
+    from automem_jax.llm.engine import Engine
+    from automem_jax.llm.sampling import SamplingParams
+    from automem_jax.models import qwen, qwen_config
+    cfg = qwen_config.preset(args.bw_preset, dtype=args.bw_dtype, param_dtype=args.bw_dtype)
     model = qwen.init_model(cfg, seed=0)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
     B, steps = args.bw_batch, args.bw_steps

@@ -17,8 +17,8 @@ LAYERS = (
     ("memory", "envs"),
     ("agent", "models"),
     ("llm", "training", "rollout"),
-    ("critic", "loops"),
-    ("report",),
+    ("critic",),
+    ("loops", "report"),
 )
 LAYER = {pkg: i for i, names in enumerate(LAYERS) for pkg in names}
 

@@ -295,7 +295,8 @@ def test_router_same_backend_one_batch_and_failure_isolated(fake_api):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from automem_jax.models.qwen import init_model, preset
+    from automem_jax.models.qwen import init_model
+    from automem_jax.models.qwen_config import preset
     return init_model(preset("tiny"), seed=0)
 
 
@@ -307,7 +308,7 @@ def engine(tiny_model):
 
 
 def test_engine_client_order_tokens_and_errors(engine):
-    from automem_jax.llm.engine import SamplingParams
+    from automem_jax.llm.sampling import SamplingParams
     c = EngineClient(engine, temperature=0, max_tokens=3)
     reqs = [req("first"), req("second one", max_tokens=2), req("word " * 100), req("third")]
     outs = c.generate(reqs)

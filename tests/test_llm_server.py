@@ -18,7 +18,8 @@ import openai  # the official client as the peer (test extra: openai==3.54.0)
 import pytest
 
 from automem_jax.agent.types import ChatRequest
-from automem_jax.llm.engine import Engine, SamplingParams
+from automem_jax.llm.engine import Engine
+from automem_jax.llm.sampling import SamplingParams
 from automem_jax.llm.server import serve
 
 KEY = "test-server-key-5f1c"

@@ -17,7 +17,8 @@ import openai
 import pytest
 
 from automem_jax.agent.types import ChatRequest
-from automem_jax.llm.engine import Engine, SamplingParams
+from automem_jax.llm.engine import Engine
+from automem_jax.llm.sampling import SamplingParams
 from automem_jax.llm.server import serve
 from automem_jax.llm.server_engines import base_model_factory, lora_engine_loader
 
@@ -32,7 +33,8 @@ def write_adapter(folder, seed: int = 1):
     import jax.numpy as jnp
 
     from automem_jax.models import hf, lora
-    from automem_jax.models.qwen import init_model, preset
+    from automem_jax.models.qwen import init_model
+    from automem_jax.models.qwen_config import preset
     model = init_model(preset("tiny"), seed=0)
     lcfg = lora.LoRAConfig(rank=4, alpha=8, targets="ALL")
     lora.apply_lora(model, lcfg, seed=seed)

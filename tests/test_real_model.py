@@ -101,7 +101,8 @@ def test_logits_match_transformers_gguf_loading(ours, ref, chats):
 @pytest.fixture(scope="module")
 def one_at_a_time(ours, chats):
     """Greedy replies from an engine with one row and no prefix cache, one prompt at a time."""
-    from automem_jax.llm.engine import Engine, SamplingParams
+    from automem_jax.llm.engine import Engine
+    from automem_jax.llm.sampling import SamplingParams
     model, _, tok = ours
     prompts = [_prompt_ids(tok, c) for c in chats[:4]]
     eng = Engine(model, tok, max_batch=1, max_len=2048, prefix_cache=False)
@@ -122,7 +123,8 @@ def test_greedy_reply_equals_transformers(ref, ours, one_at_a_time):
 
 
 def test_batched_prefix_cached_generation_equals_one_at_a_time(ours, one_at_a_time):
-    from automem_jax.llm.engine import Engine, SamplingParams
+    from automem_jax.llm.engine import Engine
+    from automem_jax.llm.sampling import SamplingParams
     model, _, tok = ours
     prompts, single = one_at_a_time
     eng = Engine(model, tok, max_batch=4, max_len=2048, page_size=16, prefix_cache=True)

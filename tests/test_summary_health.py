@@ -98,10 +98,11 @@ EXPECTED_B = {"steps": STEPS, "model_turns": TURNS_PER_EPISODE, "model_errors": 
 @pytest.fixture(scope="module")
 def engine_overflow_error() -> str:
     """What this project's engine answers to a prompt longer than its context."""
-    from automem_jax.llm.engine import Engine, SamplingParams
-    from automem_jax.models import qwen
+    from automem_jax.llm.engine import Engine
+    from automem_jax.llm.sampling import SamplingParams
+    from automem_jax.models import qwen, qwen_config
     # The length check comes before any compute, so shape-only weights will do (no init cost).
-    model = qwen.abstract_model(qwen.preset("tiny", vocab_size=256, num_layers=1))
+    model = qwen.abstract_model(qwen_config.preset("tiny", vocab_size=256, num_layers=1))
     out = Engine(model, None, max_batch=1, max_len=16).generate_ids([[1] * 40], [SamplingParams(max_tokens=4)])[0]
     assert out.finish_reason == "error" and out.error
     return out.error

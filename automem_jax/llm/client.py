@@ -169,7 +169,7 @@ class EngineClient:
                 f"top_k={self.top_k}, repetition_penalty={self.repetition_penalty}, max_tokens={self.max_tokens})")
 
     def _params(self, r: ChatRequest):
-        from automem_jax.llm.engine import SamplingParams
+        from automem_jax.llm.sampling import SamplingParams
         limit = r.max_tokens if self.max_tokens is None else min(r.max_tokens, self.max_tokens)
         kw: dict[str, Any] = dict(temperature=self.temperature, max_tokens=limit,
                                   stop=list(r.stop) if r.stop else None, seed=self.seed)
@@ -522,7 +522,8 @@ def load_engine(checkpoint: str, *, max_batch: int = 16, max_len: int = 2048, se
     kw = dict(max_batch=max_batch, max_len=max_len, mesh=mesh)
     from automem_jax.models.tokenizer import load_tokenizer
     if checkpoint.startswith("preset:"):
-        from automem_jax.models.qwen import init_model, preset
+        from automem_jax.models.qwen import init_model
+        from automem_jax.models.qwen_config import preset
         name = checkpoint[len("preset:"):]
         model = init_model(preset(name), seed=seed, mesh=mesh)
         return Engine(model, load_tokenizer(tokenizer), seed=seed, model_name=model_name or name, **kw)
@@ -533,7 +534,7 @@ def load_engine(checkpoint: str, *, max_batch: int = 16, max_len: int = 2048, se
         raise ValueError(f"checkpoint {checkpoint!r}: no usable tokenizer ({e}); pass a tokenizer folder") from e
     model, _ = hf.load_pretrained(checkpoint, dtype=dtype, mesh=mesh)
     name = model_name or checkpoint.rstrip("/").rsplit("/", 1)[-1].split(":")[-1]
-    from automem_jax.llm.engine import generation_defaults
+    from automem_jax.llm.sampling import generation_defaults
     return Engine(model, tok, seed=seed, model_name=name, sampling_defaults=generation_defaults(checkpoint), **kw)
 
 

@@ -44,78 +44,10 @@ from flax import nnx
 
 from automem_jax.agent.types import ChatRequest, Completion
 from automem_jax.llm.kv_pages import PagePool
+from automem_jax.llm.sampling import SamplingParams, cut_at_stop, hits_stop, penalize, sample, sampling_inputs
 from automem_jax.models.qwen import PAGE_POOL_AXES, Qwen, abstract_model
 
 log = logging.getLogger(__name__)
-
-# Sampling fields a request may leave unset; the engine fills them from the checkpoint's
-# generation_config.json (vLLM's default) or these neutral values.
-NEUTRAL_SAMPLING = {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
-
-
-@dataclasses.dataclass
-class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float | None = None  # None: the engine's default (generation_config.json, else 1.0)
-    top_k: int | None = None  # 0 = no top-k cut; None: the engine's default
-    max_tokens: int = 256
-    stop: list[str] | None = None  # generation ends at the first of these strings
-    seed: int | None = None  # None: derived from the engine seed and a request counter
-    include_stop_str_in_output: bool = False
-    repetition_penalty: float | None = None  # > 1 discourages tokens already in prompt or reply
-
-    def validate(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty is not None and not (self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.stop is not None and (not isinstance(self.stop, list) or
-                                      not all(isinstance(s, str) and s for s in self.stop)):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-
-    def resolved(self, defaults: dict) -> "SamplingParams":
-        p = dataclasses.replace(self)
-        for name, neutral in NEUTRAL_SAMPLING.items():
-            if getattr(p, name) is None:
-                setattr(p, name, defaults.get(name, neutral))
-        return p
-
-    @property
-    def mode(self) -> str:
-        if self.temperature <= 0:
-            return "greedy"
-        return "filtered" if ((self.top_k or 0) > 0 or (self.top_p or 1.0) < 1) else "sample"
-
-
-def _batch_mode(params) -> str:
-    modes = {p.mode for p in params}
-    return "filtered" if "filtered" in modes else "sample" if "sample" in modes else "greedy"
-
-
-def generation_defaults(folder: str) -> dict:
-    """top_p / top_k / repetition_penalty from a checkpoint's generation_config.json ({} if none)."""
-    import json
-
-    from automem_jax import storage
-    path = storage.join(folder, "generation_config.json")
-    try:
-        if not storage.exists(path):
-            return {}
-        d = json.loads(storage.read_text(path))
-    except (OSError, ValueError) as e:
-        log.warning("%s: unreadable (%s); using neutral sampling defaults", path, e)
-        return {}
-    out = {}
-    for name, kind in (("top_p", float), ("top_k", int), ("repetition_penalty", float)):
-        if isinstance(d.get(name), (int, float)) and not isinstance(d.get(name), bool):
-            out[name] = kind(d[name])
-    return out
 
 
 @dataclasses.dataclass
@@ -171,43 +103,6 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
             return b
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
-
-_NEG = -1e30
-
-
-def _sample(logits, keys, steps, temp, top_p, top_k, mode: str):
-    """One token per row; temperature 0 rows are greedy. `mode` (static) skips work no row needs:
-    "greedy" draws no random numbers, "sample" skips the sort that top-k / top-p need."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if mode == "greedy":
-        return greedy
-    filtered = mode == "filtered"
-    x = logits / jnp.maximum(temp, 1e-6)[:, None]
-    if filtered:
-        V = x.shape[-1]
-        srt = -jnp.sort(-x, axis=-1)
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-        kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)
-        srt = jnp.where(srt < kth, _NEG, srt)
-        probs = jax.nn.softmax(srt, axis=-1)
-        cum = jnp.cumsum(probs, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (at least one token).
-        keep = jnp.maximum(jnp.sum((cum - probs) < top_p[:, None], axis=-1), 1)
-        thr = jnp.take_along_axis(srt, (keep - 1)[:, None], axis=-1)
-        x = jnp.where(x < jnp.maximum(thr, kth), _NEG, x)
-    sampled = jax.vmap(lambda key, s, row: jax.random.categorical(jax.random.fold_in(key, s), row))(keys, steps, x)
-    return jnp.where(temp <= 0, greedy, sampled).astype(jnp.int32)
-
-
-def _penalize(logits, seen, penalty):
-    """Repetition penalty as transformers / vLLM apply it: logits of tokens already in the prompt
-    or the reply are divided by `penalty` when positive, multiplied when negative.
-    seen [B, U]: token ids (-1 = padding)."""
-    B, V = logits.shape
-    rows = jnp.broadcast_to(jnp.arange(B)[:, None], seen.shape)
-    mask = jnp.zeros((B, V), bool).at[rows, jnp.where(seen < 0, V, seen)].set(True, mode="drop")
-    p = penalty[:, None]
-    return jnp.where(mask, jnp.where(logits > 0, logits / p, logits * p), logits)
 
 
 @dataclasses.dataclass
@@ -304,7 +199,8 @@ class Engine:
 
     @classmethod
     def from_preset(cls, name: str = "tiny", *, seed: int = 0, tokenizer=None, **kw) -> "Engine":
-        from automem_jax.models.qwen import init_model, preset
+        from automem_jax.models.qwen import init_model
+        from automem_jax.models.qwen_config import preset
         from automem_jax.models.tokenizer import load_tokenizer
         model = init_model(preset(name), seed=seed)
         return cls(model, tokenizer or load_tokenizer(), seed=seed, model_name=name, **kw)
@@ -366,13 +262,13 @@ class Engine:
         graphdef = self._graphdef
 
         def run(state, pools, ids, positions, write_idx, read_idx, logits_at, keys, steps, temp, top_p, top_k,
-                penalty, seen, mode, penalize):
+                penalty, seen, mode, use_penalty):
             model = nnx.merge(graphdef, state)
             logits, pools = model.forward_paged(ids, positions, pools, write_idx, read_idx, logits_at)
             logits = logits[:, 0]
-            if penalize:
-                logits = _penalize(logits, seen, penalty)
-            return pools, _sample(logits, keys, steps, temp, top_p, top_k, mode)
+            if use_penalty:
+                logits = penalize(logits, seen, penalty)
+            return pools, sample(logits, keys, steps, temp, top_p, top_k, mode)
 
         kw = {}
         if self.mesh is not None:
@@ -390,34 +286,13 @@ class Engine:
         return [jax.device_put(a, rep) for a in arrays]
 
     def _call(self, kind: str, ids, positions, write_idx, read_idx, logits_at, rows: list[_Seq], steps):
-        B = ids.shape[0]
-        keys = np.zeros((B, 2), np.uint32)
-        temp = np.zeros((B,), np.float32)
-        top_p = np.ones((B,), np.float32)
-        top_k = np.zeros((B,), np.int32)
-        penalty = np.ones((B,), np.float32)
-        for r, s in enumerate(rows):
-            if s is None:
-                continue
-            p = s.params
-            keys[r], temp[r], top_p[r], top_k[r], penalty[r] = s.key, p.temperature, p.top_p, p.top_k, \
-                p.repetition_penalty
-        live = [s for s in rows if s is not None]
-        mode = _batch_mode(s.params for s in live)
-        penalize = any(s.params.repetition_penalty != 1.0 for s in live)
-        if penalize:
-            width = _bucket(max(len(s.seen) for s in live), self.seen_buckets)
-            seen = np.full((B, width), -1, np.int32)
-            for r, s in enumerate(rows):
-                if s is not None and s.params.repetition_penalty != 1.0:
-                    seen[r, :len(s.seen)] = sorted(s.seen)
-        else:
-            seen = np.full((B, 1), -1, np.int32)
-        self._note_shape((kind, ids.shape, read_idx.shape[1], mode, penalize, seen.shape[1]))
+        keys, temp, top_p, top_k, penalty, seen, mode, use_penalty = sampling_inputs(
+            rows, lambda n: _bucket(n, self.seen_buckets))
+        self._note_shape((kind, ids.shape, read_idx.shape[1], mode, use_penalty, seen.shape[1]))
         args = self._put(ids, positions, write_idx, read_idx, logits_at, keys, steps, temp, top_p, top_k,
                          penalty, seen)
         with self._ctx():
-            self._pools, tok = self._run(self._state, self._pools, *args, mode, penalize)
+            self._pools, tok = self._run(self._state, self._pools, *args, mode, use_penalty)
         return np.asarray(tok)
 
     def lower_decode(self, batch: int | None = None, kv_tokens: int | None = None):
@@ -790,7 +665,7 @@ class Engine:
             s.tokens.append(token)
             if s.params.repetition_penalty != 1.0:
                 s.seen.add(token)
-            if s.params.stop and self._hits_stop(s):
+            if s.params.stop and hits_stop(self._decode_text, s.generated, s.params.stop):
                 reason = "stop"
             elif len(s.generated) >= s.limit:
                 reason = "length"
@@ -802,11 +677,7 @@ class Engine:
                     s.on_token = None
         if reason is None:
             return
-        text = self.tokenizer.decode(s.generated, skip_special_tokens=True)
-        hits = [(text.find(x), x) for x in (s.params.stop or ()) if x in text]
-        if hits:
-            pos, stop = min(hits)
-            text = text[: pos + (len(stop) if s.params.include_stop_str_in_output else 0)]
+        text = cut_at_stop(self._decode_text(s.generated), s.params.stop, s.params.include_stop_str_in_output)
         n_out = len(s.generated) + int(token in self.eos_ids)
         self.stats.generated_tokens += n_out
         self._running.remove(s)
@@ -814,11 +685,8 @@ class Engine:
         self._resolve(s.future, GenOutput(text, list(s.generated), len(s.prompt), n_out, reason,
                                           cached_tokens=s.cached))
 
-    def _hits_stop(self, s: _Seq) -> bool:
-        longest = max(len(x) for x in s.params.stop)
-        # A token is at least one character, so the last `longest` tokens cover any new match.
-        tail = self.tokenizer.decode(s.generated[-(longest + 1):], skip_special_tokens=True)
-        return any(x in tail for x in s.params.stop)
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def reset_cache(self) -> None:
         """Forgets every cached prefix (e.g. after the model's weights change)."""

@@ -208,7 +208,7 @@ def stream_settings(body: dict | ChatCompletionRequest) -> tuple[bool, bool]:
 
 def chat_request(r: ChatCompletionRequest, served_names: tuple[str, ...], max_len: int):
     """(ChatRequest, SamplingParams) of a validated body; ApiError 404 for a model not served."""
-    from automem_jax.llm.engine import SamplingParams
+    from automem_jax.llm.sampling import SamplingParams
     if r.model and r.model not in served_names:
         raise ApiError(404, f"The model '{r.model}' does not exist; this server serves: {', '.join(served_names)}",
                        "model", "model_not_found")

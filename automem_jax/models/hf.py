@@ -32,7 +32,8 @@ import numpy as np
 from flax import nnx
 
 from automem_jax import storage
-from automem_jax.models.qwen import Qwen, QwenConfig, abstract_model
+from automem_jax.models.qwen import Qwen, abstract_model
+from automem_jax.models.qwen_config import QwenConfig
 from automem_jax.parallel.mesh import named_sharding
 
 SINGLE_FILE = "model.safetensors"
@@ -132,9 +133,10 @@ class _Folder:
             raise FileNotFoundError(f"{self.path}: no such model folder")
         if INDEX_FILE in names:
             idx_path = storage.join(self.path, INDEX_FILE)
+            index = storage.read_json(idx_path)
             try:
-                weight_map = json.loads(storage.read_text(idx_path))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                weight_map = index["weight_map"]
+            except (KeyError, TypeError) as e:
                 raise ValueError(f"{idx_path}: not a valid safetensors index ({e})") from None
             self.weight_map: dict[str, str] = dict(weight_map)
         elif SINGLE_FILE in names:
@@ -462,12 +464,7 @@ def load_peft_adapter(model: Qwen, path: str, *, mesh: jax.sharding.Mesh | None 
 
     from automem_jax.models import lora
     cfg_path = storage.join(str(path), ADAPTER_CONFIG)
-    try:
-        d = json.loads(storage.read_text(cfg_path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no {ADAPTER_CONFIG}; expected a PEFT adapter folder") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    d = storage.read_json(cfg_path, missing=f"no {ADAPTER_CONFIG}; expected a PEFT adapter folder")
     if d.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {d.get('peft_type')!r}; only LORA adapters are supported")
     # Options that change the math or the layout; absent / null / empty means PEFT's plain LoRA.
@@ -586,11 +583,9 @@ def _load_orbax(path: str) -> tuple[Qwen, QwenConfig]:
     import orbax.checkpoint as ocp
     path = path if storage.is_gcs(path) else os.path.abspath(path)
     storage.configure_tensorstore()
-    try:
-        cfg = QwenConfig(**json.loads(storage.read_text(storage.join(path, "model_config.json"))))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no model_config.json; expected a folder written by "
-                                "`python -m automem_jax.models.hf import`") from None
+    cfg = QwenConfig(**storage.read_json(storage.join(path, "model_config.json"),
+                                         missing="no model_config.json; expected a folder written by "
+                                                 "`python -m automem_jax.models.hf import`"))
     graphdef, abs_state = nnx.split(abstract_model(cfg))
     params = nnx.state(nnx.merge(graphdef, abs_state), nnx.Param)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
@@ -643,7 +638,8 @@ def main(argv=None) -> int:
                   f"({args.format})")
         else:
             if args.preset:
-                from automem_jax.models.qwen import init_model, preset
+                from automem_jax.models.qwen import init_model
+                from automem_jax.models.qwen_config import preset
                 cfg = preset(args.preset)
                 model = init_model(cfg, seed=args.seed)
             else:

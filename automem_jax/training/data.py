@@ -412,12 +412,10 @@ class SFTDataset:
     def load(cls, path: str, tok, cfg: DataConfig | None = None) -> SFTDataset:
         """Re-tokenizes `path/data.jsonl` and checks the token hash against the manifest."""
         mpath, dpath = storage.join(path, MANIFEST_FILE), storage.join(path, DATA_FILE)
-        try:
-            manifest = json.loads(storage.read_text(mpath))
-        except FileNotFoundError:
-            raise DataError(f"{mpath}: no manifest (not a saved SFT dataset, or an unfinished save)") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{mpath}: not valid JSON ({e})") from None
+        absent = object()
+        manifest = storage.read_json(mpath, error=DataError, default=absent)
+        if manifest is absent:
+            raise DataError(f"{mpath}: no manifest (not a saved SFT dataset, or an unfinished save)")
         if manifest.get("format") != FORMAT:
             raise DataError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
         cfg = cfg or DataConfig.from_dict(manifest["config"])
