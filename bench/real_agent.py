@@ -86,7 +86,7 @@ def load_policy(checkpoint: str, seed: int):
     from automem_jax.models.tokenizer import load_tokenizer
     if checkpoint.startswith("preset:"):
         from automem_jax.models.qwen import init_model
-        from automem_jax.models.qwen_config import preset
+        from automem_jax.models.qwen_presets import preset
         cfg = preset(checkpoint[len("preset:"):])
         return init_model(cfg, seed=seed), cfg, load_tokenizer(), {}
     from automem_jax.llm.sampling import generation_defaults

@@ -45,8 +45,8 @@ def part_flat(tok, args) -> None:
 
     from automem_jax.llm.engine import Engine
     from automem_jax.llm.sampling import SamplingParams
-    from automem_jax.models import qwen, qwen_config
-    model = qwen.init_model(qwen_config.preset("tiny", num_layers=4, initializer_range=0.2), seed=0)
+    from automem_jax.models import qwen, qwen_presets
+    model = qwen.init_model(qwen_presets.preset("tiny", num_layers=4, initializer_range=0.2), seed=0)
     rng = np.random.RandomState(0)
     prompts = [rng.randint(0, 100000, 24).tolist() for _ in range(8)]
     params = [SamplingParams(temperature=0, max_tokens=96)] * 8
@@ -81,8 +81,8 @@ def part_prefix(tok, args) -> None:
     from automem_jax.llm.client import EngineClient
     from automem_jax.llm.engine import Engine
     from automem_jax.memory.structure import MemoryStructure
-    from automem_jax.models import qwen, qwen_config
-    model = qwen.init_model(qwen_config.preset("tiny"), seed=0)
+    from automem_jax.models import qwen, qwen_presets
+    model = qwen.init_model(qwen_presets.preset("tiny"), seed=0)
     engine = Engine(model, tok, max_batch=16, max_len=4096, page_size=16)
     client = EngineClient(engine, max_tokens=args.prefix_max_tokens, temperature=1.0)
     runner, wall = _rollout(client, MemoryStructure.default("crafter"), 16, args.prefix_steps, None)
@@ -143,7 +143,7 @@ def part_runner(tok, args) -> None:
     from automem_jax.llm.client import EngineClient
     from automem_jax.llm.engine import Engine
     from automem_jax.memory.structure import MemoryStructure
-    from automem_jax.models import qwen, qwen_config
+    from automem_jax.models import qwen, qwen_presets
     from automem_jax.rollout.runner import Runner
     if "mode" not in inspect.signature(Runner).parameters:
         print("runner: skipped (this Runner has no mode)")
@@ -159,7 +159,7 @@ def part_runner(tok, args) -> None:
             p.max_tokens = int(min(args.tail_cap, args.tail_min * u ** (-1 / args.tail_alpha)))
             return p
 
-    model = qwen.init_model(qwen_config.preset("tiny"), seed=0)
+    model = qwen.init_model(qwen_presets.preset("tiny"), seed=0)
     structure = MemoryStructure.default("crafter")
     rates = {}
     for mode in ("tick", "async"):
@@ -233,8 +233,8 @@ def part_bandwidth(tok, args) -> None:
 
     from automem_jax.llm.engine import Engine
     from automem_jax.llm.sampling import SamplingParams
-    from automem_jax.models import qwen, qwen_config
-    cfg = qwen_config.preset(args.bw_preset, dtype=args.bw_dtype, param_dtype=args.bw_dtype)
+    from automem_jax.models import qwen, qwen_presets
+    cfg = qwen_presets.preset(args.bw_preset, dtype=args.bw_dtype, param_dtype=args.bw_dtype)
     model = qwen.init_model(cfg, seed=0)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
     B, steps = args.bw_batch, args.bw_steps

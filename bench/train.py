@@ -84,11 +84,11 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from automem_jax.models import qwen, qwen_config
+    from automem_jax.models import qwen, qwen_presets
     rng = np.random.default_rng(0)
     vocab = args.vocab
     if args.preset:
-        mcfg = qwen_config.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, remat=args.remat,
+        mcfg = qwen_presets.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, remat=args.remat,
                            scan_layers=True)
         vocab = mcfg.vocab_size
         model, ref = qwen.init_model(mcfg, 0), None

@@ -65,7 +65,7 @@ def get_config() -> ConfigDict:
     c.seed = 0  # every random choice of the run derives from this
 
     c.model = ConfigDict()
-    c.model.preset = "tiny"  # a name from automem_jax.models.qwen_config.PRESETS (random init)
+    c.model.preset = "tiny"  # a name from automem_jax.models.qwen_presets.PRESETS (random init)
     c.model.checkpoint = ""  # a Hugging Face folder (local or gs://) to load instead of the preset
     c.model.dtype = "float32"  # compute dtype; bfloat16 on TPU
     c.model.param_dtype = "float32"  # storage dtype of the parameters

@@ -18,7 +18,7 @@ from automem_jax.llm.client import EngineClient, RouterClient
 from automem_jax.llm.engine import Engine
 from automem_jax.llm.replicas import ReplicaConfig, ReplicaSet
 from automem_jax.llm.sampling import generation_defaults
-from automem_jax.models import hf, qwen, qwen_config
+from automem_jax.models import hf, qwen, qwen_presets
 from automem_jax.models.tokenizer import load_tokenizer, tokenizer_source
 from automem_jax.parallel import hosts
 from automem_jax.parallel.mesh import make_mesh, make_serving_mesh, serving_rules
@@ -103,7 +103,7 @@ class Run:
             tok = self.tok
             overrides = dict(vocab_size=-(-len(tok) // 128) * 128, eos_token_id=tok.eos_token_id,
                              bos_token_id=tok.pad_token_id)
-        mcfg = qwen_config.preset(self.cfg.model.preset, **self.runtime(), **overrides)
+        mcfg = qwen_presets.preset(self.cfg.model.preset, **self.runtime(), **overrides)
         return qwen.init_model(mcfg, seed=self.cfg.seed, mesh=self.mesh), mcfg
 
     @property

@@ -93,7 +93,7 @@ def validate_config(cfg, stages: list[str]):
     """Cheap checks before anything is written, so a typo never costs a half-written workdir.
     Every path the stages read is checked here (the tokenizer is loaded, weights are not).
     Returns the model's QwenConfig (for `validate_devices`)."""
-    from automem_jax.models import qwen_config
+    from automem_jax.models import qwen, qwen_presets
     from automem_jax.parallel.mesh import MeshConfig
     from launch import config as lc
     try:
@@ -101,10 +101,10 @@ def validate_config(cfg, stages: list[str]):
         runtime = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                        scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
         if not cfg.model.checkpoint:
-            model_cfg = qwen_config.preset(cfg.model.preset, **runtime)
+            model_cfg = qwen_presets.preset(cfg.model.preset, **runtime)
         else:
             model_cfg = _read("model.checkpoint", cfg.model.checkpoint,
-                              lambda: qwen_config.QwenConfig.from_hf(cfg.model.checkpoint, **runtime))
+                              lambda: qwen.QwenConfig.from_hf(cfg.model.checkpoint, **runtime))
         MeshConfig.from_any(cfg.mesh.to_dict())
         validate_inference(cfg, stages, model_cfg)
         from automem_jax.envs import KNOWN_ENVS

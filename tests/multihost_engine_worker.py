@@ -203,7 +203,7 @@ def main(argv=None) -> int:
                                    num_processes=args.num_processes, process_id=args.process_id,
                                    initialization_timeout=120, heartbeat_timeout_seconds=60,
                                    shutdown_timeout_seconds=60)
-    from automem_jax.models import qwen_config
+    from automem_jax.models import qwen, qwen_presets
     from automem_jax.models.tokenizer import load_tokenizer
 
     head = {"process_index": jax.process_index(), "process_count": jax.process_count(),
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     print(f"[worker {args.process_id}] {head}", file=sys.stderr, flush=True)
     tok = load_tokenizer()
     prompts = build_prompts(tok)
-    cfg = qwen_config.preset("tiny", initializer_range=0.5, dtype="float32", param_dtype="float32")
+    cfg = qwen_presets.preset("tiny", initializer_range=0.5, dtype="float32", param_dtype="float32")
     results = {"head": head, "prompt_lens": [len(p) for p in prompts], "variants": {}}
     for name in filter(None, args.variants.split(",")):
         r = run_variant(name, args, cfg, tok, prompts)

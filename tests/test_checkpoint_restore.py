@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from automem_jax import storage
-from automem_jax.models import qwen, qwen_config
+from automem_jax.models import qwen
 from automem_jax.models.tokenizer import load_tokenizer
 from automem_jax.training import checkpoint
 from automem_jax.training.checkpoint import Checkpointer, CheckpointError
@@ -189,7 +189,7 @@ def test_resume_refuses_a_changed_run(tmp_path):
     data = build_dataset(_conversations(4, "a"), tok, data_cfg, source="a")
     other = build_dataset(_conversations(4, "b"), tok, data_cfg, source="b")
     # Smallest model over the tokenizer's vocabulary: compile time is most of this test.
-    cfg = qwen_config.QwenConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+    cfg = qwen.QwenConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                           num_kv_heads=1, head_dim=16)
     tc = TrainConfig(mode="lora", lora_rank=2, batch_size=2, grad_accum=1, max_steps=1, warmup_ratio=0.0)
     out = str(tmp_path)

@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 
 from automem_jax.envs import KNOWN_ENVS
 from automem_jax.memory.structure import MemoryStructure
-from automem_jax.models import qwen, qwen_config
+from automem_jax.models import qwen, qwen_presets
 from automem_jax.parallel.mesh import MeshConfig, bytes_per_device
 from automem_jax.training.data import DataConfig
 from automem_jax.training.trainer import TrainConfig
@@ -122,7 +122,7 @@ def test_protocol(name):
 def test_parameters_fit_on_the_target_devices(name):
     module, c = _load(name)
     size = "32b" if "32b" in name else "7b"
-    cfg = qwen_config.preset(c.model.preset, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+    cfg = qwen_presets.preset(c.model.preset, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
                       scan_layers=c.model.scan_layers, remat=c.model.remat)
     assert c.model.preset == f"qwen2.5-{size}"
     if size == "32b":
@@ -202,7 +202,7 @@ def test_serving_mesh_and_rules(name):
     rules = serving_rules(c.inference.rules)
     assert param_rules_on(rules, "fsdp") == [] and param_rules_on(rules, "data") == []
     assert dict(rules)["embed"] is None
-    cfg = qwen_config.preset(c.model.preset)
+    cfg = qwen_presets.preset(c.model.preset)
     for dim in (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.vocab_size):
         assert dim % axes["tensor"] == 0, (dim, axes)
     inf = c.inference
@@ -214,7 +214,7 @@ def test_serving_mesh_and_rules(name):
 
 def test_serving_memory_arithmetic():
     from automem_jax.llm import layout
-    cfg = qwen_config.preset("qwen2.5-32b", dtype="bfloat16", param_dtype="bfloat16")
+    cfg = qwen_presets.preset("qwen2.5-32b", dtype="bfloat16", param_dtype="bfloat16")
     m = layout.serving_memory(cfg, {"data": 8, "tensor": 4}, max_batch=64, max_len=32768, cache_tokens=1000,
                               page_size=16, prefill_chunk=512)
     assert m["cache_tokens"] == 1008  # whole pages
@@ -407,7 +407,7 @@ def random_checkpoint(tmp_path_factory):
     from automem_jax.models import hf
     from automem_jax.models.tokenizer import load_tokenizer
     folder = str(tmp_path_factory.mktemp("random_qwen25"))
-    cfg = qwen_config.preset("qwen2.5-0.5b", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    cfg = qwen_presets.preset("qwen2.5-0.5b", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=16)
     hf.save_pretrained(qwen.init_model(cfg, seed=0), cfg, folder, tokenizer=load_tokenizer())
     return folder

@@ -8,7 +8,7 @@ import pytest
 from automem_jax.agent.types import ChatRequest
 from automem_jax.llm.engine import Engine
 from automem_jax.llm.sampling import SamplingParams
-from automem_jax.models import qwen, qwen_config
+from automem_jax.models import qwen, qwen_presets
 from automem_jax.models.tokenizer import load_tokenizer
 
 
@@ -20,7 +20,7 @@ def tok():
 @pytest.fixture(scope="module")
 def model():
     # A large init scale makes the random model's greedy outputs varied rather than one repeated token.
-    return qwen.init_model(qwen_config.preset("tiny", initializer_range=0.5), seed=0)
+    return qwen.init_model(qwen_presets.preset("tiny", initializer_range=0.5), seed=0)
 
 
 _REF_LEN = 64
@@ -157,7 +157,7 @@ def test_repetition_penalty_matches_transformers_processor(model, tok):
     transformers' own RepetitionPenaltyLogitsProcessor (the peer the serving engines follow)."""
     import torch
     from transformers import RepetitionPenaltyLogitsProcessor
-    model = qwen.init_model(qwen_config.preset("tiny", vocab_size=64, initializer_range=0.5), seed=0)  # replies reuse tokens
+    model = qwen.init_model(qwen_presets.preset("tiny", vocab_size=64, initializer_range=0.5), seed=0)  # replies reuse tokens
     eng = Engine(model, tok, max_batch=2, max_len=128)
     prompt = [3, 9, 3, 17, 40, 9, 3, 22]
     n = 10

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from automem_jax.llm.engine import Engine
 from automem_jax.llm.sampling import SamplingParams
 from automem_jax.llm.kv_pages import OutOfPages, PagePool
-from automem_jax.models import qwen, qwen_config
+from automem_jax.models import qwen, qwen_presets
 from automem_jax.models.tokenizer import load_tokenizer
 
 V = 512
@@ -21,7 +21,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model():
-    return qwen.init_model(qwen_config.preset("tiny", vocab_size=V, initializer_range=0.5), seed=1)
+    return qwen.init_model(qwen_presets.preset("tiny", vocab_size=V, initializer_range=0.5), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_long_prompt_is_chunked_while_others_decode(model, tok):
 
 def test_scanned_model_serves_its_own_greedy_tokens(tok):
     import jax.numpy as jnp
-    scanned = qwen.init_model(qwen_config.preset("tiny", vocab_size=V, initializer_range=0.5, scan_layers=True), seed=4)
+    scanned = qwen.init_model(qwen_presets.preset("tiny", vocab_size=V, initializer_range=0.5, scan_layers=True), seed=4)
     prompts = [list(range(3, 20)), list(range(40, 45))]
     outs = Engine(scanned, tok, max_batch=2, max_len=64).generate_ids(
         prompts, [SamplingParams(temperature=0, max_tokens=6)] * 2)

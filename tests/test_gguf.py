@@ -25,7 +25,7 @@ from gguf import quants  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from automem_jax.models import gguf as am_gguf  # noqa: E402
-from automem_jax.models import hf, packaged, qwen_config  # noqa: E402
+from automem_jax.models import hf, packaged, qwen  # noqa: E402
 from tests.hf_fixtures import HFModel, padded_batch  # noqa: E402
 
 # ---- writing synthetic GGUF files ------------------------------------------------------------
@@ -37,7 +37,7 @@ K_SCALE_FIELDS = {T.Q2_K: ((80, 82), 2e-3), T.Q3_K: ((108,), 1e-3), T.Q4_K: ((0,
 QUANTIZABLE = (T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)  # gguf.quants.quantize implements these
 
 
-def gguf_layout(cfg: qwen_config.QwenConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+def gguf_layout(cfg: qwen.QwenConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
     """GGUF tensor name -> (transformers name, transformers shape), in llama.cpp's naming."""
     H, I, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -117,7 +117,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['con
                  "{% if add_generation_prompt %}<|endoftext|>assistant: {% endif %}")
 
 
-def write_gguf(path, cfg: qwen_config.QwenConfig, types: dict | None = None, *, seed: int = 0, arch: str | None = None,
+def write_gguf(path, cfg: qwen.QwenConfig, types: dict | None = None, *, seed: int = 0, arch: str | None = None,
                tokenizer: bool = False, split_max_tensors: int = 0, extra: dict | None = None,
                drop: tuple = ()) -> dict[str, np.ndarray]:
     """Writes a random model of `cfg` as GGUF (`types`: GGUF name -> GGML type, F32 otherwise);
@@ -160,7 +160,7 @@ def write_gguf(path, cfg: qwen_config.QwenConfig, types: dict | None = None, *, 
     return want
 
 
-def write_hf_folder(folder, cfg: qwen_config.QwenConfig, tensors: dict[str, np.ndarray]) -> str:
+def write_hf_folder(folder, cfg: qwen.QwenConfig, tensors: dict[str, np.ndarray]) -> str:
     """A safetensors folder holding `tensors`: the reference the GGUF import must equal."""
     os.makedirs(folder, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"),
@@ -188,7 +188,7 @@ def logits(model, vocab: int):
 
 # Hidden 256 and MLP 512: every projection's input dimension is a whole number of 256-element
 # K-quant blocks. Untied, so both token_embd and output are in the file.
-MIXED_CFG = qwen_config.QwenConfig(arch="qwen2", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+MIXED_CFG = qwen.QwenConfig(arch="qwen2", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
                             num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6,
                             tie_word_embeddings=False, qkv_bias=True, qk_norm=False, max_position_embeddings=256,
                             bos_token_id=None, eos_token_id=None)
@@ -202,7 +202,7 @@ MIXED_TYPES = {
     "blk.1.ffn_down.weight": T.F16,
 }
 # hidden 64: small, for the tests that need no K quants.
-SMALL_QWEN2 = qwen_config.QwenConfig(arch="qwen2", vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2,
+SMALL_QWEN2 = qwen.QwenConfig(arch="qwen2", vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2,
                               num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, rms_norm_eps=1e-6,
                               tie_word_embeddings=True, qkv_bias=True, qk_norm=False, max_position_embeddings=256,
                               bos_token_id=511, eos_token_id=511)
@@ -291,7 +291,7 @@ def test_qwen2_matches_transformers_gguf_loader(small_qwen2):
 
 # qwen3 with head_dim 128 != hidden / heads, so the importer must read attention.key_length;
 # transformers' GGUF loader ignores that key, but 128 is Qwen3Config's default, so it agrees.
-QWEN3_CFG = qwen_config.QwenConfig(arch="qwen3", vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2,
+QWEN3_CFG = qwen.QwenConfig(arch="qwen3", vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2,
                             num_heads=2, num_kv_heads=1, head_dim=128, rope_theta=10000.0, rms_norm_eps=1e-6,
                             tie_word_embeddings=False, qkv_bias=False, qk_norm=True, max_position_embeddings=256,
                             bos_token_id=511, eos_token_id=511)
@@ -407,7 +407,7 @@ def test_unsupported_architecture_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"llama\.gguf: GGUF architecture 'llama' is not supported"):
         hf.load_pretrained(path)
     with pytest.raises(ValueError, match="'llama'"):
-        qwen_config.QwenConfig.from_hf(path)
+        qwen.QwenConfig.from_hf(path)
 
 
 def test_not_a_gguf_names_the_path(tmp_path):
@@ -430,25 +430,25 @@ def test_not_a_gguf_names_the_path(tmp_path):
 # ---- 5. config ----------------------------------------------------------------------------------
 
 def test_config_from_gguf(mixed, small_qwen2, tmp_path):
-    cfg = qwen_config.QwenConfig.from_hf(mixed["path"], dtype="bfloat16")
+    cfg = qwen.QwenConfig.from_hf(mixed["path"], dtype="bfloat16")
     assert (cfg.arch, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == ("qwen2", 2, 4, 2, 64)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (256, 512, 512)
     assert cfg.rope_theta == 1e6 and cfg.rms_norm_eps == 1e-6 and cfg.max_position_embeddings == 256
     assert cfg.qkv_bias and not cfg.qk_norm and not cfg.tie_word_embeddings
     assert cfg.bos_token_id is None and cfg.dtype == "bfloat16"  # no tokenizer metadata in this file
-    tied = qwen_config.QwenConfig.from_hf(small_qwen2["path"])  # no output.weight: the head is the embedding
+    tied = qwen.QwenConfig.from_hf(small_qwen2["path"])  # no output.weight: the head is the embedding
     assert tied.tie_word_embeddings and tied.head_dim == 16 and tied.eos_token_id == 511
 
     path = str(tmp_path / "q3.gguf")
     write_gguf(path, QWEN3_CFG.replace(rope_theta=5e5, rms_norm_eps=1e-5))
-    c3 = qwen_config.QwenConfig.from_hf(path)
+    c3 = qwen.QwenConfig.from_hf(path)
     assert c3.arch == "qwen3" and c3.head_dim == 128 and c3.qk_norm and not c3.qkv_bias and not c3.o_bias
     assert c3.rope_theta == 5e5 and c3.rms_norm_eps == 1e-5
 
     yarn = str(tmp_path / "yarn.gguf")
     write_gguf(yarn, SMALL_QWEN2, extra={"qwen2.rope.scaling.type": "yarn"})
     with pytest.raises(ValueError, match="RoPE scaling 'yarn'"):
-        qwen_config.QwenConfig.from_hf(yarn)
+        qwen.QwenConfig.from_hf(yarn)
 
 
 # ---- 6. command line ----------------------------------------------------------------------------
@@ -562,7 +562,7 @@ def test_packaged_resolve_assembles_and_loads(small_qwen2, fake_pkg):
 
     model, cfg = hf.load_pretrained("pkg:fake")
     ref, ref_cfg = hf.load_pretrained(small_qwen2["path"])
-    assert cfg == ref_cfg == qwen_config.QwenConfig.from_hf("pkg:fake")
+    assert cfg == ref_cfg == qwen.QwenConfig.from_hf("pkg:fake")
     assert_same_params(model, ref)
     tok = load_tokenizer("pkg:fake")
     # "ab" merges to id 257, " ba" to the byte symbol for " " (32) and merged "ba" (256 + 26).
@@ -636,6 +636,6 @@ def test_gguf_on_gcs_loads_like_the_local_file(small_qwen2, gcs_emulator):
     model, cfg = hf.load_pretrained(remote)
     local, _ = hf.load_pretrained(small_qwen2["path"])
     assert_same_params(model, local)
-    assert qwen_config.QwenConfig.from_hf(remote) == cfg
+    assert qwen.QwenConfig.from_hf(remote) == cfg
     tok, want = load_tokenizer(remote), load_tokenizer(small_qwen2["path"])
     assert tok("hello world")["input_ids"] == want("hello world")["input_ids"]

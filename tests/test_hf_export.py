@@ -13,7 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from automem_jax import storage
-from automem_jax.models import hf, qwen, qwen_config
+from automem_jax.models import hf, qwen, qwen_presets
 from tests.hf_fixtures import padded_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def _perturb_norms(model, seed=0):
 def test_export_loads_in_transformers_with_same_logits(tmp_path, arch, tied, scan):
     base = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
                 head_dim=16, tie_word_embeddings=tied, scan_layers=scan)
-    cfg = qwen_config.QwenConfig(arch=arch, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", **base)
+    cfg = qwen.QwenConfig(arch=arch, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", **base)
     model = qwen.init_model(cfg, seed=1)
     _perturb_norms(model)
     out = tmp_path / "export"
@@ -85,7 +85,7 @@ def test_import_export_import_is_identity_and_tokenizer_ships(hf_tiny_qwen3, tmp
 def test_bf16_export_reloads_in_transformers(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
-    cfg = qwen_config.preset("tiny", vocab_size=512)
+    cfg = qwen_presets.preset("tiny", vocab_size=512)
     model = qwen.init_model(cfg)
     hf.save_pretrained(model, cfg, str(tmp_path), dtype="bfloat16")
     m = AutoModelForCausalLM.from_pretrained(str(tmp_path))
@@ -170,7 +170,7 @@ def test_unsupported_architecture_is_named(hf_tiny_qwen3, tmp_path):
 
 def test_unknown_preset_lists_known():
     with pytest.raises(ValueError, match=r"unknown model preset 'qwen9'.*qwen2\.5-32b.*qwen3-32b"):
-        qwen_config.preset("qwen9")
+        qwen_presets.preset("qwen9")
 
 
 def test_cli_inspect_import_export(hf_tiny_qwen2, tmp_path):

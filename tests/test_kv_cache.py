@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from automem_jax.models import qwen, qwen_config
+from automem_jax.models import qwen, qwen_presets
 
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_decode_16_tokens_matches_full_forward(scan):
-    cfg = qwen_config.preset("tiny", vocab_size=512, scan_layers=scan)
+    cfg = qwen_presets.preset("tiny", vocab_size=512, scan_layers=scan)
     model = qwen.init_model(cfg, seed=3)
     B, P, N = 3, 7, 16
     rng = np.random.RandomState(0)
@@ -42,7 +42,7 @@ def test_decode_16_tokens_matches_full_forward(scan):
 
 def test_cache_rows_are_independent():
     """A row's logits do not depend on what the other rows hold (masks are per row)."""
-    cfg = qwen_config.preset("tiny", vocab_size=512)
+    cfg = qwen_presets.preset("tiny", vocab_size=512)
     model = qwen.init_model(cfg, seed=0)
     ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
     mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]], bool)
@@ -57,7 +57,7 @@ def test_cache_rows_are_independent():
 
 
 def test_logits_at_selects_rows_last_token():
-    cfg = qwen_config.preset("tiny", vocab_size=512)
+    cfg = qwen_presets.preset("tiny", vocab_size=512)
     model = qwen.init_model(cfg, seed=0)
     ids = jnp.asarray(np.random.RandomState(1).randint(0, 512, (2, 6)))
     mask = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], bool)
@@ -69,7 +69,7 @@ def test_logits_at_selects_rows_last_token():
 
 def test_causal_block_attention_equals_one_block(chunk=4):
     """Block-skipping attention (queries in blocks, keys cut at each block's reach) changes nothing."""
-    base = qwen_config.preset("tiny", vocab_size=512, attn_chunk=0)
+    base = qwen_presets.preset("tiny", vocab_size=512, attn_chunk=0)
     one = qwen.init_model(base, seed=2)
     blocked = qwen.init_model(base.replace(attn_chunk=chunk), seed=2)
     rng = np.random.RandomState(0)

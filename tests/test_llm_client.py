@@ -296,7 +296,7 @@ def test_router_same_backend_one_batch_and_failure_isolated(fake_api):
 @pytest.fixture(scope="module")
 def tiny_model():
     from automem_jax.models.qwen import init_model
-    from automem_jax.models.qwen_config import preset
+    from automem_jax.models.qwen_presets import preset
     return init_model(preset("tiny"), seed=0)
 
 

@@ -34,7 +34,7 @@ def write_adapter(folder, seed: int = 1):
 
     from automem_jax.models import hf, lora
     from automem_jax.models.qwen import init_model
-    from automem_jax.models.qwen_config import preset
+    from automem_jax.models.qwen_presets import preset
     model = init_model(preset("tiny"), seed=0)
     lcfg = lora.LoRAConfig(rank=4, alpha=8, targets="ALL")
     lora.apply_lora(model, lcfg, seed=seed)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from automem_jax.models import hf, lora, qwen, qwen_config
+from automem_jax.models import hf, lora, qwen, qwen_presets
 from automem_jax.parallel import mesh as pmesh
 from tests.hf_fixtures import padded_batch
 
@@ -23,7 +23,7 @@ def _cfg(arch="qwen3", scan=False, **kw):
     base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
                 head_dim=16, tie_word_embeddings=True, scan_layers=scan)
     base.update(kw)
-    return qwen_config.QwenConfig(arch=arch, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", **base)
+    return qwen.QwenConfig(arch=arch, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", **base)
 
 
 def _flat(state):
@@ -255,7 +255,7 @@ def test_dropout_only_inside_a_key_scope(hf_tiny_qwen3):
 @pytest.mark.parametrize("scan", [False, True])
 def test_sharded_adapters_follow_their_base_and_match_single_device(scan):
     assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
-    cfg = qwen_config.preset("tiny", vocab_size=VOCAB, scan_layers=scan)
+    cfg = qwen_presets.preset("tiny", vocab_size=VOCAB, scan_layers=scan)
     lcfg = lora.LoRAConfig(rank=4, targets="ALL")
     ids, mask = _batch()
     ids, mask = jnp.concatenate([ids, ids[:1]]), jnp.concatenate([mask, mask[:1]])  # batch 4 divides data*fsdp

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from automem_jax.models import qwen_config
+from automem_jax.models import qwen, qwen_presets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,12 +18,12 @@ PUBLISHED = {"qwen2.5-0.5b": 0.494, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.62, "q
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_preset_parameter_counts(name):
-    n = qwen_config.preset(name).num_params() / 1e9
+    n = qwen_presets.preset(name).num_params() / 1e9
     assert abs(n - PUBLISHED[name]) / PUBLISHED[name] < 0.01, (name, n)
 
 
 def test_qwen25_32b_shapes():
-    c = qwen_config.preset("qwen2.5-32b")
+    c = qwen_presets.preset("qwen2.5-32b")
     assert (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.intermediate_size, c.vocab_size) == \
         (5120, 64, 40, 8, 27648, 152064)
     assert c.rope_theta == 1e6 and c.qkv_bias and not c.qk_norm and not c.tie_word_embeddings
@@ -32,14 +32,14 @@ def test_qwen25_32b_shapes():
 def test_tiny_uses_qwen3_tokenizer_vocabulary():
     from automem_jax.models.tokenizer import load_tokenizer
     tok = load_tokenizer()
-    assert len(tok) <= qwen_config.preset("tiny").vocab_size
-    assert tok.convert_tokens_to_ids("<|im_end|>") == qwen_config.preset("tiny").eos_token_id
+    assert len(tok) <= qwen_presets.preset("tiny").vocab_size
+    assert tok.convert_tokens_to_ids("<|im_end|>") == qwen_presets.preset("tiny").eos_token_id
 
 
 def test_hf_config_round_trip():
     for name in ("qwen2.5-7b", "qwen3-8b", "tiny"):
-        c = qwen_config.preset(name)
-        assert qwen_config.QwenConfig.from_hf(c.to_hf()) == c
+        c = qwen_presets.preset(name)
+        assert qwen.QwenConfig.from_hf(c.to_hf()) == c
 
 
 def test_describe_cli_32b_fsdp64():

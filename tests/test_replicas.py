@@ -61,8 +61,8 @@ def _adapter(tmp_path):
     import numpy as np
     from flax import nnx
 
-    from automem_jax.models import hf, lora, qwen, qwen_config
-    model = qwen.init_model(qwen_config.preset("tiny"), seed=0)
+    from automem_jax.models import hf, lora, qwen, qwen_presets
+    model = qwen.init_model(qwen_presets.preset("tiny"), seed=0)
     lcfg = lora.LoRAConfig(rank=4, alpha=8.0, targets="ALL")
     lora.apply_lora(model, lcfg, seed=1)
     rng = np.random.RandomState(1)

@@ -14,12 +14,12 @@ import jax
 import pytest
 from flax import nnx
 
-from automem_jax.models import qwen, qwen_config
+from automem_jax.models import qwen, qwen_presets
 from automem_jax.parallel import mesh as pmesh
 
 # heads 8 / KV heads 4 / mlp 256 / vocab 1024 divide tensor = 2 and 4; every weight dimension
 # differs from the activation dimensions (batch 4, kv length 64), so a weight-shaped all-gather is a weight.
-CFG = qwen_config.preset("tiny", num_layers=2, hidden_size=128, num_heads=8, num_kv_heads=4, head_dim=16,
+CFG = qwen_presets.preset("tiny", num_layers=2, hidden_size=128, num_heads=8, num_kv_heads=4, head_dim=16,
                   intermediate_size=256, vocab_size=1024, tie_word_embeddings=False)
 MAX_BATCH, MAX_LEN, PAGE = 4, 64, 16
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from automem_jax.models import qwen, qwen_config
+from automem_jax.models import qwen, qwen_presets
 from automem_jax.parallel import mesh as pmesh
 
 
@@ -39,7 +39,7 @@ def _flat(model):
 @pytest.mark.parametrize("scan", [False, True])
 def test_forward_and_optimizer_step_match_single_device(scan):
     assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
-    cfg = qwen_config.preset("tiny", vocab_size=512, scan_layers=scan, remat="save_dots" if scan else "none")
+    cfg = qwen_presets.preset("tiny", vocab_size=512, scan_layers=scan, remat="save_dots" if scan else "none")
     rng = np.random.RandomState(0)
     ids = jnp.asarray(rng.randint(0, 512, (8, 16)))
     mask = np.ones((8, 16), np.int32)

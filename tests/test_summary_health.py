@@ -100,9 +100,9 @@ def engine_overflow_error() -> str:
     """What this project's engine answers to a prompt longer than its context."""
     from automem_jax.llm.engine import Engine
     from automem_jax.llm.sampling import SamplingParams
-    from automem_jax.models import qwen, qwen_config
+    from automem_jax.models import qwen, qwen_presets
     # The length check comes before any compute, so shape-only weights will do (no init cost).
-    model = qwen.abstract_model(qwen_config.preset("tiny", vocab_size=256, num_layers=1))
+    model = qwen.abstract_model(qwen_presets.preset("tiny", vocab_size=256, num_layers=1))
     out = Engine(model, None, max_batch=1, max_len=16).generate_ids([[1] * 40], [SamplingParams(max_tokens=4)])[0]
     assert out.finish_reason == "error" and out.error
     return out.error

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from automem_jax.models import qwen, qwen_config
+from automem_jax.models import qwen, qwen_presets
 from automem_jax.models.tokenizer import load_tokenizer
 from automem_jax.parallel.mesh import MeshConfig, make_mesh
 from automem_jax.training import checkpoint
@@ -42,7 +42,7 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def cfg():
-    return qwen_config.preset("tiny")
+    return qwen_presets.preset("tiny")
 
 
 def _params(model, kind=nnx.Param):
@@ -82,7 +82,7 @@ def _hand_flops(c, lengths, targets, lora_rank=0, lora_targets=()):
 
 def test_flops_per_token_against_hand_count():
     # Untied head and qkv biases (biases and norms are no matmuls, the input embedding is a lookup).
-    c = qwen_config.QwenConfig(arch="qwen2", vocab_size=1000, hidden_size=64, intermediate_size=96, num_layers=2,
+    c = qwen.QwenConfig(arch="qwen2", vocab_size=1000, hidden_size=64, intermediate_size=96, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=False, qkv_bias=True,
                         qk_norm=False)
     base = 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 96)  # q, k, v, o, gate/up/down, 2 layers

@@ -79,13 +79,13 @@ def test_validation_reads_the_defaulted_tokenizer(tmp_path, monkeypatch):
     folder, which must hold a tokenizer whose vocabulary fits the model's."""
     from absl import app
 
-    from automem_jax.models import qwen_config
+    from automem_jax.models import qwen_presets
     from automem_jax.models.tokenizer import default_tokenizer_dir
     from launch import tpu_run
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps(qwen_config.preset("qwen2.5-32b").to_hf()))
+    (ckpt / "config.json").write_text(json.dumps(qwen_presets.preset("qwen2.5-32b").to_hf()))
     c = importlib.import_module("configs.crafter_qwen25_32b").get_config()
     c.model.checkpoint = str(ckpt)
     c.critic.base_url, c.critic.model = "https://critic.example.com/v1", "some-model"
@@ -96,7 +96,7 @@ def test_validation_reads_the_defaulted_tokenizer(tmp_path, monkeypatch):
         shutil.copy(os.path.join(default_tokenizer_dir(), name), ckpt / name)
     tpu_run.validate_config(c, stages)
     # A model whose embedding is smaller than the tokenizer's vocabulary.
-    (ckpt / "config.json").write_text(json.dumps({**qwen_config.preset("qwen2.5-32b").to_hf(), "vocab_size": 512}))
+    (ckpt / "config.json").write_text(json.dumps({**qwen_presets.preset("qwen2.5-32b").to_hf(), "vocab_size": 512}))
     with pytest.raises(app.UsageError, match="tokens, more than the model's vocab_size 512"):
         tpu_run.validate_config(c, stages)
 

@@ -523,7 +523,7 @@ def load_engine(checkpoint: str, *, max_batch: int = 16, max_len: int = 2048, se
     from automem_jax.models.tokenizer import load_tokenizer
     if checkpoint.startswith("preset:"):
         from automem_jax.models.qwen import init_model
-        from automem_jax.models.qwen_config import preset
+        from automem_jax.models.qwen_presets import preset
         name = checkpoint[len("preset:"):]
         model = init_model(preset(name), seed=seed, mesh=mesh)
         return Engine(model, load_tokenizer(tokenizer), seed=seed, model_name=model_name or name, **kw)

@@ -200,7 +200,7 @@ class Engine:
     @classmethod
     def from_preset(cls, name: str = "tiny", *, seed: int = 0, tokenizer=None, **kw) -> "Engine":
         from automem_jax.models.qwen import init_model
-        from automem_jax.models.qwen_config import preset
+        from automem_jax.models.qwen_presets import preset
         from automem_jax.models.tokenizer import load_tokenizer
         model = init_model(preset(name), seed=seed)
         return cls(model, tokenizer or load_tokenizer(), seed=seed, model_name=name, **kw)

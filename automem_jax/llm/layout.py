@@ -162,11 +162,11 @@ def serving_memory_for_config(c, n_devices: int, *, model_cfg=None, engines: int
     """serving_memory() for a main-job config (ml_collections) on `n_devices` chips.
 
     model_cfg: the loaded model's QwenConfig; default the config's preset shapes."""
-    from automem_jax.models import qwen_config
+    from automem_jax.models import qwen_presets
     from automem_jax.parallel.mesh import serving_mesh_config, serving_rules
     inf = c.inference
     if model_cfg is None:  # the preset's shapes (a checkpoint's config.json gives the same for its preset)
-        model_cfg = qwen_config.preset(c.model.preset, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+        model_cfg = qwen_presets.preset(c.model.preset, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
     axes = serving_mesh_config(inf.mesh.to_dict() if hasattr(inf.mesh, "to_dict") else inf.mesh).axis_sizes(n_devices)
     return serving_memory(model_cfg, axes, serving_rules(_rules_list(inf.rules)), max_batch=inf.max_batch,
                           max_len=inf.max_len, cache_tokens=inf.cache_tokens or None, page_size=inf.page_size,

@@ -96,7 +96,7 @@ def base_model_factory(checkpoint: str, *, seed: int = 0, dtype: str | None = No
     them (``preset:<name>`` is initialised again with the same seed, so it is the same model)."""
     if checkpoint.startswith("preset:"):
         from automem_jax.models.qwen import init_model
-        from automem_jax.models.qwen_config import preset
+        from automem_jax.models.qwen_presets import preset
         cfg = preset(checkpoint[len("preset:"):])
         return lambda: init_model(cfg, seed=seed, mesh=mesh)
 

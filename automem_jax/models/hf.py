@@ -33,7 +33,7 @@ from flax import nnx
 
 from automem_jax import storage
 from automem_jax.models.qwen import Qwen, abstract_model
-from automem_jax.models.qwen_config import QwenConfig
+from automem_jax.models.qwen import QwenConfig
 from automem_jax.parallel.mesh import named_sharding
 
 SINGLE_FILE = "model.safetensors"
@@ -639,7 +639,7 @@ def main(argv=None) -> int:
         else:
             if args.preset:
                 from automem_jax.models.qwen import init_model
-                from automem_jax.models.qwen_config import preset
+                from automem_jax.models.qwen_presets import preset
                 cfg = preset(args.preset)
                 model = init_model(cfg, seed=args.seed)
             else:

@@ -4,8 +4,9 @@ One module covers both families: Qwen2 has biases on q/k/v and no q/k norm; Qwen
 each query and key head and no biases. Parameters keep Hugging Face's layout up to a transpose
 (kernels are [in, out], attention kernels split the head axis), so the converter in `hf.py` is a
 table of names. Every parameter carries `logical_axes` metadata and large activations are
-constrained with logical names (see `automem_jax.parallel.mesh`). The architecture's numbers
-(`QwenConfig`, the presets) live in `qwen_config.py`.
+constrained with logical names (see `automem_jax.parallel.mesh`). `QwenConfig` (Hugging Face
+config.json in and out, parameter and FLOP accounting) is here; the named presets and the CLI that
+describes them are `qwen_presets.py`.
 
 Two call paths:
   * `model(input_ids, attention_mask=None, positions=None)` -> logits [B, T, V]; training and scoring.
@@ -15,19 +16,204 @@ Two call paths:
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
-import sys
+import runpy
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from automem_jax.models.lora import add_lora
-from automem_jax.models.qwen_config import PRESETS, QwenConfig, preset
 from automem_jax.parallel.mesh import constrain
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+ARCHS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenConfig:
+    # architecture (mirrors the Hugging Face config.json fields)
+    arch: str = "qwen3"  # "qwen2" (Qwen2 / Qwen2.5) or "qwen3"
+    vocab_size: int = 151936
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = True
+    max_position_embeddings: int = 40960
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151645
+    initializer_range: float = 0.02
+    # runtime (not part of the exported architecture)
+    dtype: str = "float32"  # compute dtype of matmuls and activations
+    param_dtype: str = "float32"  # storage dtype of parameters
+    scan_layers: bool = False  # one scanned layer body: compile time flat in depth
+    remat: str = "none"  # none | full | save_dots (recompute all but matmul outputs)
+    attn_chunk: int = 512  # query block size of causal block-skipping attention; 0 = one block
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"QwenConfig.arch: expected one of {sorted(ARCHS)}, got {self.arch!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"QwenConfig.remat: expected one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"QwenConfig: num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ValueError(f"QwenConfig.{name}: unknown dtype {getattr(self, name)!r}") from None
+
+    def replace(self, **kw) -> "QwenConfig":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    # ---- Hugging Face config.json -----------------------------------------------------------
+    @classmethod
+    def from_hf(cls, path_or_dict: str | Mapping[str, Any], **overrides) -> "QwenConfig":
+        """Reads a transformers config (dict, config.json path, or folder with config.json; local or gs://),
+        or a .gguf file's metadata, or `pkg:<name>`'s."""
+        if isinstance(path_or_dict, Mapping):
+            d = dict(path_or_dict)
+            where = "config"
+        else:
+            from automem_jax import storage
+            from automem_jax.models import gguf, packaged
+            p = packaged.resolve(str(path_or_dict))
+            if gguf.is_gguf(p):
+                with gguf.GGUFModel.open(p) as g:
+                    return cls.from_hf(g.hf_config(), **overrides)
+            if not p.endswith(".json"):
+                p = storage.join(p, "config.json")
+            where = p
+            d = storage.read_json(p, missing="no config.json; expected a Hugging Face model folder")
+        model_type = d.get("model_type")
+        if model_type not in ARCHS:
+            archs = d.get("architectures")
+            raise ValueError(f"{where}: unsupported model_type {model_type!r} (architectures={archs}); "
+                             f"supported: {sorted(ARCHS)}")
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{where}: unsupported hidden_act {d['hidden_act']!r}; expected 'silu'")
+        if d.get("use_sliding_window"):
+            raise ValueError(f"{where}: use_sliding_window=true is not supported")
+        # transformers v5 nests RoPE settings in rope_parameters; v4 has rope_theta + rope_scaling.
+        theta = d.get("rope_theta")
+        for field in ("rope_parameters", "rope_scaling"):
+            rope = d.get(field) or {}
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in (None, "default"):
+                raise ValueError(f"{where}: unsupported RoPE scaling {rope_type!r} (field {field}); "
+                                 "only default RoPE is implemented")
+            theta = rope.get("rope_theta", theta)
+        theta = 10000.0 if theta is None else theta
+        heads = d["num_attention_heads"]
+        qwen3 = model_type == "qwen3"
+        kw = dict(
+            arch=model_type,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rope_theta=float(theta),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=bool(d.get("attention_bias", False)) if qwen3 else True,
+            o_bias=bool(d.get("attention_bias", False)) if qwen3 else False,
+            qk_norm=qwen3,
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            initializer_range=float(d.get("initializer_range", 0.02)),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        d = {
+            "architectures": [ARCHS[self.arch]],
+            "model_type": self.arch,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": self.param_dtype if self.param_dtype in ("float32", "bfloat16", "float16") else "float32",
+        }
+        if self.arch == "qwen3":
+            d["head_dim"] = self.head_dim
+            d["attention_bias"] = self.qkv_bias
+        elif self.head_dim * self.num_heads != self.hidden_size:
+            raise ValueError("Qwen2 configs require head_dim * num_heads == hidden_size for export")
+        return d
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def param_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+        """'path/to/param' -> (shape, logical axes), read off the abstract (unallocated) model."""
+        abstract = abstract_model(self.replace(scan_layers=True))
+        out = {}
+        for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+            out["/".join(map(str, path))] = (tuple(var.get_value().shape), var.get_metadata()["logical_axes"])
+        return out
+
+    def num_params(self) -> int:
+        return sum(math.prod(s) for s, _ in self.param_shapes().values())
+
+    def flops_per_token(self, seq_len: int, *, lora_params: int = 0, frozen_base: bool = False,
+                        lm_head: bool = True) -> float:
+        """Training FLOPs per token (forward + backward) at context length `seq_len`; MaxText's accounting.
+
+        A matmul weight costs 2 FLOPs per token forward, 2 for the input gradient and 2 for its own
+        gradient: 6. `frozen_base=True` (LoRA) drops the weight gradient of every base matmul, so
+        they count 4; `lora_params` adapter weights (trained) count 6 each. `lm_head=False` leaves
+        out the vocab projection, for a caller that projects only some positions (it costs the
+        difference of the two calls per projected position). Causal attention (QK^T and PV over
+        seq_len/2 keys on average) is 2*2*heads*head_dim*seq_len/2 per layer forward and twice that
+        backward, with or without LoRA (its inputs are activations). Embedding lookups, norms and
+        biases are not matmuls and are not counted; neither is rematerialised work.
+        """
+        shapes = self.param_shapes()
+        # The embedding lookup is not a matmul; a tied embedding counts once, as the LM head.
+        head = math.prod(shapes["embed_tokens" if self.tie_word_embeddings else "lm_head"][0])
+        n_matmul = sum(math.prod(shape) for name, (shape, _) in shapes.items()
+                       if not name.endswith(("scale", "bias")) and name not in ("embed_tokens", "lm_head"))
+        if lm_head:
+            n_matmul += head
+        attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len / 2
+        return (4 if frozen_base else 6) * n_matmul + 6 * lora_params + attn
+
 
 # --------------------------------------------------------------------------------------------
 # Layers
@@ -426,65 +612,5 @@ def init_model(cfg: QwenConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = 
     return nnx.merge(graphdef, state)
 
 
-# --------------------------------------------------------------------------------------------
-# CLI: python -m automem_jax.models.qwen --preset qwen2.5-32b --describe --mesh fsdp=64
-# --------------------------------------------------------------------------------------------
-
-
-def describe(cfg: QwenConfig, mesh_axes: Mapping[str, int] | None = None, rules=None) -> str:
-    from automem_jax.parallel.mesh import bytes_per_device
-    mesh_axes = dict(mesh_axes or {})
-    n_dev = math.prod(mesh_axes.values()) if mesh_axes else 1
-    from automem_jax.parallel.mesh import logical_to_spec
-    itemsize = jnp.dtype(cfg.param_dtype).itemsize
-    total = 0
-    per_dev = 0
-    per_dev_f32 = 0
-    lines = []
-    for name, (shape, axes) in cfg.param_shapes().items():
-        n = math.prod(shape)
-        total += n
-        b = bytes_per_device(shape, itemsize, axes, mesh_axes, rules)
-        per_dev += b
-        per_dev_f32 += bytes_per_device(shape, 4, axes, mesh_axes, rules)
-        spec = logical_to_spec(axes, shape, mesh_axes, rules)
-        lines.append(f"  {name:40s} {str(shape):26s} {str(axes):44s} -> {spec}")
-    gib = 1024 ** 3
-    head = [
-        f"model: {cfg.arch}  layers={cfg.num_layers} hidden={cfg.hidden_size} heads={cfg.num_heads}/"
-        f"{cfg.num_kv_heads} head_dim={cfg.head_dim} mlp={cfg.intermediate_size} vocab={cfg.vocab_size} "
-        f"tied={cfg.tie_word_embeddings} qkv_bias={cfg.qkv_bias} qk_norm={cfg.qk_norm} rope_theta={cfg.rope_theta:g}",
-        f"parameters: {total:,} ({total / 1e9:.3f}B)",
-        f"mesh: {mesh_axes or {'(single device)': 1}}  devices={n_dev}",
-        f"parameter bytes per device ({cfg.param_dtype}): {per_dev / gib:.3f} GiB "
-        f"(total {total * itemsize / gib:.2f} GiB)",
-        f"full fine-tuning state per device (f32 master + AdamW mu, nu): {3 * per_dev_f32 / gib:.3f} GiB",
-    ]
-    return "\n".join(head + ["parameters (name, shape, logical axes -> mesh spec):"] + lines)
-
-
-def main(argv=None) -> int:
-    from automem_jax.parallel.mesh import parse_axes
-    ap = argparse.ArgumentParser(prog="python -m automem_jax.models.qwen",
-                                 description="Describe a Qwen preset without allocating it.")
-    ap.add_argument("--preset", default="tiny", help=f"one of: {', '.join(PRESETS)}")
-    ap.add_argument("--describe", action="store_true", help="print parameter count and bytes per device")
-    ap.add_argument("--mesh", default="", help="mesh axes, e.g. fsdp=64 or data=2,fsdp=16,tensor=4")
-    ap.add_argument("--param_dtype", default="bfloat16", help="storage dtype used for the byte count")
-    args = ap.parse_args(argv)
-    try:
-        cfg = preset(args.preset, param_dtype=args.param_dtype)
-        axes = parse_axes(args.mesh)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not args.describe:
-        ap.print_help()
-        return 0
-    print(describe(cfg, axes))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
+if __name__ == "__main__":  # the CLI lives with the presets it describes
+    runpy.run_module("automem_jax.models.qwen_presets", run_name="__main__")

@@ -29,7 +29,7 @@ from flax import nnx
 
 from automem_jax import storage
 from automem_jax.models.qwen import Qwen
-from automem_jax.models.qwen_config import QwenConfig
+from automem_jax.models.qwen import QwenConfig
 from automem_jax.parallel.mesh import named_sharding
 
 log = logging.getLogger(__name__)
