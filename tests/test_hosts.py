@@ -19,7 +19,9 @@ def _free_port() -> int:
 
 def test_primary_hand_offs_and_the_single_writer_on_two_processes(tmp_path):
     port, root = _free_port(), str(tmp_path / "workdir")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    # The worker runs as a script: put this checkout first, whatever copy is installed.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     outs = [str(tmp_path / f"p{i}.json") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "hosts_worker.py"), str(i), str(port),
                                outs[i], root], cwd=REPO, env=env, stdout=subprocess.PIPE,
