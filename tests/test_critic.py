@@ -411,3 +411,17 @@ def test_make_critic_validates_the_spec(monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(ValueError, match=f"critic: environment variable {KEY_ENV}"):
         make_critic({"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": KEY_ENV})
+
+
+@pytest.mark.parametrize("reply", [
+    '{"results": [{"id": "a", "decision": "accept", "reason": "r"}]}',
+    'Draft:\n```\nnot json yet\n```\nFinal:\n```json\n[{"id": "a", "decision": "ACCEPT", "reason": "r"}]\n```',
+    'Here you go [{"id": "a", "decision": "accept", "reason": "r"}] — done.',
+])
+def test_judgement_list_found_in_the_usual_reply_shapes(reply):
+    from automem_jax.critic.client import _decisions
+    from automem_jax.critic.protocol import parse_decisions
+    assert parse_decisions(reply)[0]["id"] == "a"
+    got = _decisions([{"id": "a"}, {"id": "b"}], reply)
+    assert got[0] == {"id": "a", "decision": "accept", "reason": "r"}
+    assert got[1]["decision"] == "reject" and "no valid decision" in got[1]["reason"]

@@ -141,13 +141,15 @@ class JudgeError(ValueError):
 
 
 def find_json_list(text: str) -> list:
-    """The JSON list in a judge's reply: the body of its first ``` fence (```json or bare), else the
-    whole reply; parsed as it is, else the span from its first '[' to its last ']'. A mapping with
-    a ``decisions`` list gives that list. Raises JudgeError saying what is missing."""
+    """The JSON list in a judge's reply: the body of its first ``` fence (```json or bare) that
+    parses, else of its first fence, else the whole reply; parsed as it is, else the span from its
+    first '[' to its last ']'. A mapping gives its ``decisions`` list, or its only list. Raises
+    JudgeError saying what is missing."""
     body = text.strip()
-    m = re.search(r"```(?:json)?\s*\n?(.*?)```", body, re.DOTALL | re.IGNORECASE)
-    if m:
-        body = m.group(1).strip()
+    fences = [m.group(1).strip() for m in re.finditer(r"```(?:json)?\s*\n?(.*?)```", body,
+                                                      re.DOTALL | re.IGNORECASE)]
+    if fences:
+        body = next((f for f in fences if _loads(f) is not None), fences[0])
     try:
         data = json.loads(body)
     except json.JSONDecodeError:
@@ -158,11 +160,22 @@ def find_json_list(text: str) -> list:
             data = json.loads(body[lo:hi + 1])
         except json.JSONDecodeError as e:
             raise JudgeError(f"the JSON list does not parse: {e}") from None
-    if isinstance(data, dict) and isinstance(data.get("decisions"), list):
-        data = data["decisions"]
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if isinstance(data.get("decisions"), list):
+            data = data["decisions"]
+        elif len(lists) == 1:  # e.g. {"results": [...]}
+            data = lists[0]
     if not isinstance(data, list):
         raise JudgeError(f"expected a JSON list of decisions, got {type(data).__name__}")
     return data
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def parse_decisions(text: str) -> list[dict]:
