@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from automem_jax.memory.schema import PHASE_LOG, PHASE_PLAN, PHASES  # noqa: F401  (part of this API)
+
 # Who should answer a request. A single-model run routes everything to one model and ignores
 # the role; the two-model router sends MEMORY to the specialist and GAMEPLAY/POLICY to the base.
 ROLE_POLICY = "policy"
@@ -15,9 +17,6 @@ ROLE_MEMORY = "memory"
 ROLE_GAMEPLAY = "gameplay"
 ROLES = (ROLE_POLICY, ROLE_MEMORY, ROLE_GAMEPLAY)
 
-PHASE_LOG = "log"
-PHASE_PLAN = "plan"
-PHASES = (PHASE_LOG, PHASE_PLAN)
 
 
 @dataclass

@@ -14,7 +14,9 @@ import dataclasses
 from dataclasses import dataclass
 from types import MappingProxyType
 
-PHASES = ("log", "plan")
+PHASE_LOG = "log"
+PHASE_PLAN = "plan"
+PHASES = (PHASE_LOG, PHASE_PLAN)  # a game step's two phases (upstream's word)
 
 # --------------------------------------------------------------------------- store limits
 
